@@ -1,0 +1,3 @@
+from qsae_lens.cli import main
+
+raise SystemExit(main())
