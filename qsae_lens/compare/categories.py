@@ -60,7 +60,11 @@ def latent_categories(firing_frequency: Tensor, max_activation: Tensor | None = 
     below 1e-6 is dead even if its (tiny) code is technically non-zero. Without it, dead = frequency 0.
     Names: ``CATEGORY_NAMES[code]``.
     """
-    freq = _check_vector(firing_frequency, "firing_frequency").to(torch.float64)
+    freq = _check_vector(firing_frequency, "firing_frequency")
+    # Compare in the input's own float dtype: float32(0.01) < 0.01 in float64, which would make a
+    # latent at exactly "1%" rare.
+    if not freq.is_floating_point():
+        freq = freq.to(torch.float64)
     if ((freq < 0) | (freq > 1)).any():
         raise ValueError("firing_frequency must lie in [0, 1] (a fraction of tokens, not a log10 sparsity).")
     cats = torch.full(freq.shape, COMMON, dtype=torch.int64, device=freq.device)
