@@ -27,6 +27,7 @@ __all__ = [
     "FREQUENT",
     "category_counts",
     "category_transition_table",
+    "firing_frequency_from_log_sparsity",
     "firing_frequency_from_sparsity_file",
     "firing_stats_from_codes",
     "latent_categories",
@@ -146,11 +147,22 @@ def firing_frequency_from_sparsity_file(path: str | Path) -> Tensor:
         raise
     except Exception as exc:
         raise ValueError(f"could not read {p} as safetensors: {exc}") from exc
-    log_sparsity = log_sparsity.to(torch.float64).reshape(-1)
+    return firing_frequency_from_log_sparsity(log_sparsity, source=str(p))
+
+
+def firing_frequency_from_log_sparsity(log_sparsity: Tensor, *, source: str = "log_sparsity") -> Tensor:
+    """Invert SAELens's log10(freq + 1e-10) (Tensor[d_sae], as in ``sparsity.safetensors`` or returned by
+    ``SAE.from_pretrained_with_cfg_and_sparsity``) to firing frequency, Tensor[d_sae] float64 in [0, 1].
+
+    Plain ``10 ** log_sparsity`` would leave never-firing latents at 1e-10 (rare, not dead): the
+    1e-10 offset is subtracted, and values that are zero up to float32 rounding of the log are
+    snapped to exactly 0.
+    """
+    log_sparsity = torch.as_tensor(log_sparsity).detach().to("cpu", torch.float64).reshape(-1)
     if torch.isnan(log_sparsity).any() or (log_sparsity > 1e-6).any():
-        raise ValueError(f"{p}: 'sparsity' should hold log10 frequencies (<= 0) with no NaN.")
+        raise ValueError(f"{source}: should hold log10 firing frequencies (<= 0) with no NaN.")
     freq = torch.pow(10.0, log_sparsity) - _SAELENS_LOG_EPS
-    # float32 rounding of log10(1e-10) = -10 gives |10^x - 1e-10| ~ 1e-16: snap it to exact zero.
+    # float32 rounding of log10(1e-10) = -10 leaves |10^x - 1e-10| ~ 1e-16: snap it to exact zero.
     freq[freq < 1e-13] = 0.0
     return freq.clamp_(max=1.0)
 
