@@ -211,24 +211,44 @@ def best_match_both(a: Tensor, b: Tensor, *, block_size: int = 4096) -> tuple[Be
     return ab, ba
 
 
-def _top_k_unit(a: Tensor, b: Tensor, k: int, block_size: int) -> tuple[Tensor, Tensor]:
+def _merge_top_k(best_v: Tensor, best_i: Tensor, v: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Merge a running top-k (rows of best_v/best_i) with a tile's candidates (rows of v/idx)."""
+    cat_v = torch.cat([best_v, v], dim=1)
+    cat_i = torch.cat([best_i, idx], dim=1)
+    keep = cat_v.topk(min(k, cat_v.shape[1]), dim=1)
+    return keep.values, cat_i.gather(1, keep.indices)
+
+
+def _top_k_unit(
+    a: Tensor, b: Tensor, k: int, block_size: int, both: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Top-k of each row of a @ b.T (and, if ``both``, of each column) from one pass over the tiles."""
     n_a, n_b = a.shape[0], b.shape[0]
-    k = min(k, n_b)
-    values = torch.empty(n_a, k, device=a.device)
-    indices = torch.empty(n_a, k, dtype=torch.long, device=a.device)
+    k_row, k_col = min(k, n_b), min(k, n_a)
+    dev = a.device
+    row_v = torch.full((n_a, 0), -math.inf, device=dev)
+    row_i = torch.zeros((n_a, 0), dtype=torch.long, device=dev)
+    col_v = torch.full((n_b, 0), -math.inf, device=dev)
+    col_i = torch.zeros((n_b, 0), dtype=torch.long, device=dev)
+    out_v, out_i = [], []
     for i0, i1 in _blocks(n_a, block_size):
-        best_v = torch.full((i1 - i0, 0), -math.inf, device=a.device)
-        best_i = torch.zeros((i1 - i0, 0), dtype=torch.long, device=a.device)
+        best_v, best_i = row_v[i0:i1], row_i[i0:i1]
+        new_col_v, new_col_i = [], []
         for j0, j1 in _blocks(n_b, block_size):
             s = a[i0:i1] @ b[j0:j1].T
-            v, idx = s.topk(min(k, j1 - j0), dim=1)
-            # merge the running top-k with this tile's top-k
-            cat_v = torch.cat([best_v, v], dim=1)
-            cat_i = torch.cat([best_i, idx + j0], dim=1)
-            keep = cat_v.topk(min(k, cat_v.shape[1]), dim=1)
-            best_v, best_i = keep.values, cat_i.gather(1, keep.indices)
-        values[i0:i1], indices[i0:i1] = best_v, best_i
-    return values, indices
+            v, idx = s.topk(min(k_row, j1 - j0), dim=1)
+            best_v, best_i = _merge_top_k(best_v, best_i, v, idx + j0, k_row)
+            if both:
+                v, idx = s.topk(min(k_col, i1 - i0), dim=0)
+                cv, ci = _merge_top_k(col_v[j0:j1], col_i[j0:j1], v.T, idx.T + i0, k_col)
+                new_col_v.append(cv)
+                new_col_i.append(ci)
+        out_v.append(best_v)
+        out_i.append(best_i)
+        if both:
+            col_v, col_i = torch.cat(new_col_v), torch.cat(new_col_i)
+    values, indices = torch.cat(out_v), torch.cat(out_i)
+    return values, indices, (col_v if both else None), (col_i if both else None)
 
 
 def top_k_neighbours(a: Tensor, b: Tensor, k: int, *, block_size: int = 4096) -> tuple[Tensor, Tensor]:
@@ -240,7 +260,8 @@ def top_k_neighbours(a: Tensor, b: Tensor, k: int, *, block_size: int = 4096) ->
     if int(k) < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
     a_u, b_u = _prepare(a, b)
-    return _top_k_unit(a_u, b_u, int(k), _check_block(block_size))
+    values, indices, _, _ = _top_k_unit(a_u, b_u, int(k), _check_block(block_size))
+    return values, indices
 
 
 def mutual_nearest_neighbours(
@@ -288,8 +309,7 @@ def _candidate_graph(a: Tensor, b: Tensor, k: int, block_size: int):
     from scipy.sparse import csr_array
 
     n_a, n_b = a.shape[0], b.shape[0]
-    _, ia = _top_k_unit(a, b, k, block_size)
-    _, ib = _top_k_unit(b, a, k, block_size)
+    _, ia, _, ib = _top_k_unit(a, b, k, block_size, both=True)  # one pass: rows' and columns' top-k
     rows = torch.cat([torch.arange(n_a, device=a.device).repeat_interleave(ia.shape[1]), ib.reshape(-1)])
     cols = torch.cat([ia.reshape(-1), torch.arange(n_b, device=a.device).repeat_interleave(ib.shape[1])])
     key = torch.unique(rows * n_b + cols)  # an edge found from both sides appears once
