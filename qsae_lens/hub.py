@@ -437,6 +437,33 @@ def _token_in_env(token: str) -> Iterator[None]:
             os.environ["HF_TOKEN"] = old
 
 
+@contextlib.contextmanager
+def _redacting_log_records(token: str) -> Iterator[None]:
+    """Scrub ``token`` from every log record created meanwhile, whatever logger or thread makes it.
+
+    Written by hand because no library does it: huggingface_hub redacts the Authorization header in its
+    own debug logs, but the HTTP stack below it (httpcore) logs raw response headers at DEBUG level,
+    so a server or proxy that echoed the header back would otherwise put the token in the logs.
+    """
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it for logging's own error handling
+            return record
+        if token in message:
+            record.msg, record.args = message.replace(token, "<redacted>"), None
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(previous)
+
+
 def _run_scrubbed(what: str, token: str | None, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``fn``; on failure raise HubPublishError with the token scrubbed and no chained exception.
 
@@ -503,7 +530,8 @@ def publish_saes(
             )
         else:
             staged = stage_saes(saes, repo_id, stage_dir, **kwargs)
-        return _upload_staged(staged, list(saes), repo_id, revision, private, token, commit_message)
+        kept = f"; the staged folder is {staged}" if stage_dir is not None else ""
+        return _upload_staged(staged, list(saes), repo_id, revision, private, token, commit_message, kept)
 
 
 def _upload_staged(
@@ -514,16 +542,33 @@ def _upload_staged(
     private: bool,
     token: str | None,
     commit_message: str,
+    kept: str = "",
 ) -> str:
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import RepositoryNotFoundError
-    from sae_lens import upload_saes_to_huggingface
+    from huggingface_hub import get_token
 
     token = token or _run_scrubbed("reading the stored hub token", None, get_token)
     if not token:
         raise HubPublishError(
             "No Hugging Face token found: pass token=..., set HF_TOKEN, or run `hf auth login`."
         )
+    with _redacting_log_records(token):
+        return _upload_with_token(staged, sae_ids, repo_id, revision, private, token, commit_message, kept)
+
+
+def _upload_with_token(
+    staged: Path,
+    sae_ids: list[str],
+    repo_id: str,
+    revision: str,
+    private: bool,
+    token: str,
+    commit_message: str,
+    kept: str,
+) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from sae_lens import upload_saes_to_huggingface
+
     api = HfApi(token=token)
 
     # Preflight with a short timeout: fail here, before anything is created or uploaded.
@@ -535,7 +580,7 @@ def _upload_staged(
     except Exception as err:  # re-raised below without the token
         message = _scrub(
             f"Cannot reach the Hugging Face hub at {api.endpoint} ({type(err).__name__}: {err}). Nothing was "
-            f"uploaded; the staged folder is {staged}. Check the network (or HF_ENDPOINT) and the token, then retry.",
+            f"uploaded{kept}. Check the network (or HF_ENDPOINT) and the token, then retry.",
             token,
         )
     if message is not None:
