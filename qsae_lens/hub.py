@@ -225,10 +225,8 @@ def _comparison_dicts(comparison: Any) -> list[dict[str, Any]]:
 
 def _side_name(side: Any) -> str:
     if isinstance(side, Mapping):
-        parts = [
-            str(side[k]) for k in ("name", "sae_id", "precision", "hook_name") if side.get(k) is not None
-        ]
-        return " ".join(dict.fromkeys(parts)) or MISSING
+        parts = [str(side[k]) for k in ("name", "sae_id", "precision") if side.get(k) is not None]
+        return " ".join(dict.fromkeys(parts)) or _fmt(side.get("source"))
     return _fmt(side)
 
 
@@ -246,8 +244,8 @@ def _comparison_section(report: Mapping[str, Any]) -> str:
     lines = [
         f"### {title}",
         "",
-        "| metric | value | 95% CI | null baseline | p-value |",
-        "|---|---|---|---|---|",
+        "| metric | value | 95% CI | null baseline | p-value | p (Holm) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, metric in report["metrics"].items():
         if not isinstance(metric, Mapping):
@@ -259,8 +257,11 @@ def _comparison_section(report: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"| {_fmt(name)} | {_fmt(metric.get('value'))} | {ci} | {_null_text(metric.get('null'))} | "
-            f"{_fmt(metric.get('p_value'), 3)} |"
+            f"{_fmt(metric.get('p_value'), 3)} | {_fmt(metric.get('p_value_holm'), 3)} |"
         )
+    warnings = [str(w) for w in report.get("warnings") or []]
+    if warnings:
+        lines += ["", "Warnings:", *(f"- {w}" for w in warnings)]
     return "\n".join(lines)
 
 

@@ -151,8 +151,8 @@ def test_staged_folder_round_trips_and_card_parses(saes, x, tmp_path):
     assert fp32["architecture"] == "standard" and fp32["k or L1 coefficient"] == "L1 = 5"
     assert (fp32["quant type"], fp32["L0"]) == ("—", "—")
     # the comparison's headline metric with its CI and null, and "—" where the report has none
-    assert "| matched_cosine | 0.8123 | [0.79, 0.83] | 0.1377 | 0.0005 |" in card.text
-    assert "| cka | 0.91 | — | — | — |" in card.text
+    assert "| matched_cosine | 0.8123 | [0.79, 0.83] | 0.1377 | 0.0005 | — |" in card.text
+    assert "| cka | 0.91 | — | — | — | — |" in card.text
 
 
 def _lay_out_hub_cache(cache: Path, repo_id: str, staged: Path, commit: str) -> None:
@@ -395,3 +395,17 @@ def test_hub_error_that_echoes_the_token_is_scrubbed(saes, tmp_path, monkeypatch
     for text in (str(err), repr(err), "".join(traceback.format_exception(err)), out, errout, caplog.text):
         assert FAKE_TOKEN not in text
     assert seen and all("/commit/" not in path and "/preupload/" not in path for _, path in seen)
+
+
+def test_card_from_a_comparison_report_object():
+    """The card reads the report object that qsae_lens.compare writes, through its to_dict()."""
+    report_mod = pytest.importorskip("qsae_lens.compare.report")
+    from qsae_lens.hub import build_model_card
+
+    report = report_mod.ComparisonReport.from_dict(COMPARISON)
+    report.warnings.append("SAEs read different hooks")
+    cfg = {"architecture": "topk", "d_in": 16, "d_sae": 64, "k": 4, "metadata": _metadata("int8", "llm.int8")}
+    card = build_model_card("my-org/saes", {"resid3-int8": cfg}, comparison=report)
+    assert "### resid3-fp32 fp32 vs resid3-nf4 nf4" in card
+    assert "| matched_cosine | 0.8123 | [0.79, 0.83] | 0.1377 | 0.0005 |" in card
+    assert "- SAEs read different hooks" in card
