@@ -27,7 +27,9 @@ def distribution_figure(dist: dict[str, Any], title: str) -> go.Figure:
     centers = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
     widths = [hi - lo for lo, hi in zip(edges[:-1], edges[1:])]
     fig = go.Figure()
-    fig.add_bar(x=centers, y=[c / total for c in counts], width=widths, name="observed", marker_color="#1f77b4")
+    fig.add_bar(
+        x=centers, y=[c / total for c in counts], width=widths, name="observed", marker_color="#1f77b4"
+    )
     null_counts = dist.get("null_histogram")
     if null_counts:
         null_total = max(sum(null_counts), 1)

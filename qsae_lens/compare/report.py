@@ -113,7 +113,8 @@ class ComparisonReport:
             )
         fields_ = MetricResult._fields
         metrics = {
-            name: MetricResult(**{k: m.get(k) for k in fields_}) for name, m in data.get("metrics", {}).items()
+            name: MetricResult(**{k: m.get(k) for k in fields_})
+            for name, m in data.get("metrics", {}).items()
         }
         return cls(
             a=dict(data["a"]),
@@ -145,7 +146,9 @@ class ComparisonReport:
         lines: list[str] = ["# SAE comparison: a vs b", ""]
         lines += ["| | a | b |", "|---|---|---|"]
         for key in ("source", "architecture", "d_in", "d_sae", "hook", "model", "precision"):
-            lines.append(f"| {key} | {_md_cell(_meta_value(self.a, key))} | {_md_cell(_meta_value(self.b, key))} |")
+            lines.append(
+                f"| {key} | {_md_cell(_meta_value(self.a, key))} | {_md_cell(_meta_value(self.b, key))} |"
+            )
         lines.append("")
         if self.warnings:
             lines.append("**Warnings**")
@@ -176,7 +179,9 @@ class ComparisonReport:
             lines.append("|---" * (len(qs) + 4) + "|")
             for name, d in self.distributions.items():
                 qv = " | ".join(_fmt(d.get("quantiles", {}).get(q)) for q in qs)
-                lines.append(f"| {name} | {d.get('n')} | {_fmt(d.get('mean'))} | {qv} | {_fmt(d.get('null'))} |")
+                lines.append(
+                    f"| {name} | {d.get('n')} | {_fmt(d.get('mean'))} | {qv} | {_fmt(d.get('null'))} |"
+                )
             lines.append("")
         cats = self.latent_categories
         if cats and cats.get("a") is not None:
@@ -289,7 +294,9 @@ def _meta_value(meta: dict[str, Any], key: str) -> Any:
     v = meta.get(key)
     if key == "precision" and isinstance(v, dict):
         parts = [str(v.get("precision"))] if v.get("precision") else []
-        parts += [f"{k}={v[k]}" for k in ("quant_type", "compute_dtype", "double_quant") if v.get(k) is not None]
+        parts += [
+            f"{k}={v[k]}" for k in ("quant_type", "compute_dtype", "double_quant") if v.get(k) is not None
+        ]
         return ", ".join(parts) or None
     return v
 

@@ -1,0 +1,835 @@
+"""``compare_saes``: load two SAEs, validate them, compose the metric functions of
+``qsae_lens.compare`` and return a :class:`~qsae_lens.compare.report.ComparisonReport`.
+
+This module only composes: every number comes from a plain function over tensors in
+``alignment``, ``nulls``, ``stats``, ``cka``, ``categories`` or ``activation_metrics``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch import Tensor
+
+from qsae_lens.compare.report import ComparisonReport, MetricResult
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+SAESpec = Union["SAE", str, os.PathLike, tuple[str, str]]
+"""An SAE, a local SAELens checkpoint folder, a hub id ``"release/sae_id"`` / ``"owner/repo/sae_id"``,
+or a ``(release_or_repo, sae_id)`` tuple."""
+
+ActivationsSpec = Union[tuple[Tensor, Tensor], tuple[Union[str, os.PathLike], Union[str, os.PathLike]]]
+"""``(x_a, x_b)``: Tensor[n, d_in] at a's and b's sources for the same n tokens, or two folders of
+cached activations (``qsae_lens.activations.cache_activations``)."""
+
+# cfg.metadata keys under which qsae_lens records the precision an SAE was trained at (DEVELOPERS.md)
+PRECISION_KEYS = (
+    "precision",
+    "quant_type",
+    "compute_dtype",
+    "double_quant",
+    "bitsandbytes_version",
+    "model_source",
+    "weights_sha256",
+)
+MATCH_THRESHOLDS = (0.5, 0.7, 0.9)
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+_SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+@dataclass
+class LoadedSAE:
+    """An SAE with where it came from and, when its checkpoint has one, its firing-frequency file."""
+
+    sae: SAE
+    """The SAELens SAE (on CPU, float32 weights are read from it)."""
+    source: str
+    """Folder, hub id or ``"<in-memory ClassName>"``: used in messages and the report."""
+    sparsity_path: Path | None = None
+    """``sparsity.safetensors`` beside a local checkpoint (log10 firing frequency per latent)."""
+    log_sparsity: Tensor | None = None
+    """Tensor[d_sae] of log10 firing frequency, when a hub loader returned it."""
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def load_sae_for_comparison(spec: SAESpec, *, label: str = "a") -> LoadedSAE:
+    """Resolve ``spec`` (SAE object, local folder, or hub id) to a :class:`LoadedSAE`.
+
+    Local folders are read with ``SAE.load_from_disk``; hub ids with SAELens's
+    ``SAE.from_pretrained_with_cfg_and_sparsity`` (a release from its pretrained directory, or a
+    Hugging Face repo with one folder per sae_id). ``qsae_lens.training`` is imported first so that
+    qsae_lens's own registered architectures load.
+    """
+    from sae_lens import SAE
+
+    try:  # registers qsae_lens architectures with SAELens's registry
+        import qsae_lens.training  # noqa: F401
+    except ImportError:
+        pass
+
+    if isinstance(spec, SAE):
+        return LoadedSAE(spec, f"<in-memory {type(spec).__name__}>")
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2 or not all(isinstance(s, str) for s in spec):
+            raise ValueError(
+                f"SAE {label}: a hub id tuple must be (release_or_repo_id, sae_id) strings, got {spec!r}"
+            )
+        return _load_from_hub(spec[0], spec[1], label)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(
+            f"SAE {label}: expected a sae_lens SAE, a checkpoint folder, a hub id or a (repo, sae_id) tuple; "
+            f"got {type(spec).__name__}"
+        )
+    path = Path(spec).expanduser()
+    text = os.fspath(spec)
+    if path.exists():
+        return _load_from_disk(path, label)
+    looks_local = (
+        isinstance(spec, os.PathLike) or text.startswith(("/", "./", "../", "~")) or text.count("/") == 0
+    )
+    if looks_local:
+        raise FileNotFoundError(
+            f"SAE {label}: no checkpoint folder at {path} (give a folder written by SAELens's save_model, "
+            f"holding {' and '.join(_SAE_FILES)}, or a hub id 'release/sae_id')"
+        )
+    release, sae_id = _split_hub_id(text, label)
+    return _load_from_hub(release, sae_id, label)
+
+
+def _load_from_disk(path: Path, label: str) -> LoadedSAE:
+    from sae_lens import SAE
+
+    if not path.is_dir():
+        raise ValueError(f"SAE {label}: {path} is a file; give the checkpoint folder that holds {_SAE_FILES}")
+    missing = [f for f in _SAE_FILES if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"SAE {label}: checkpoint folder {path} is missing {', '.join(missing)} "
+            f"(an SAELens checkpoint holds {' and '.join(_SAE_FILES)}; write one with SAE.save_model)"
+        )
+    try:
+        sae = SAE.load_from_disk(path, device="cpu")
+    except Exception as e:  # safetensors/json/registry errors: say which checkpoint and why
+        raise ValueError(
+            f"SAE {label}: could not read the checkpoint at {path}: {type(e).__name__}: {e}"
+        ) from e
+    sparsity = path / "sparsity.safetensors"
+    return LoadedSAE(sae, str(path), sparsity_path=sparsity if sparsity.is_file() else None)
+
+
+def _split_hub_id(text: str, label: str) -> tuple[str, str]:
+    """``"release/sae_id"`` (a SAELens pretrained release) or ``"owner/repo/sae_id"`` (an HF repo
+    with one folder per sae_id)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    first, _, rest = text.partition("/")
+    if first in get_pretrained_saes_directory() and rest:
+        return first, rest
+    parts = text.split("/")
+    if len(parts) >= 3 and all(parts[:2]):
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    raise ValueError(
+        f"SAE {label}: {text!r} is neither a local folder nor a hub id; give 'release/sae_id' for a SAELens "
+        f"pretrained release, 'owner/repo/sae_id' for a Hugging Face repo, or a (repo_id, sae_id) tuple"
+    )
+
+
+def _load_from_hub(release: str, sae_id: str, label: str) -> LoadedSAE:
+    from sae_lens import SAE
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "consider loading with the release name"
+            sae, _, log_sparsity = SAE.from_pretrained_with_cfg_and_sparsity(release, sae_id, device="cpu")
+    except Exception as e:
+        raise ValueError(
+            f"SAE {label}: could not load {sae_id!r} from {release!r} through SAELens: {type(e).__name__}: {e}"
+        ) from e
+    return LoadedSAE(sae, f"{release}/{sae_id}", log_sparsity=log_sparsity)
+
+
+def sae_metadata(loaded: LoadedSAE) -> dict[str, Any]:
+    """Plain-JSON description of an SAE for the report (None where unknown)."""
+    cfg = loaded.sae.cfg
+    md = cfg.metadata
+    precision = {k: md.get(k) for k in PRECISION_KEYS if md.get(k) is not None} or None
+    return {
+        "source": loaded.source,
+        "architecture": cfg.architecture(),
+        "d_in": int(cfg.d_in),
+        "d_sae": int(cfg.d_sae),
+        "dtype": str(cfg.dtype),
+        "hook": md.get("hook_name"),
+        "model": md.get("model_name"),
+        "precision": precision,
+        "init_seed": md.get("init_seed"),
+    }
+
+
+def latent_directions(loaded: LoadedSAE, label: str) -> tuple[Tensor, Tensor | None]:
+    """Decoder directions Tensor[d_sae, d_in] (rows of W_dec) and encoder directions
+    Tensor[d_sae, d_in] (columns of W_enc, which SAELens stores as [d_in, d_sae]); float32, unnormalised.
+
+    Raises ValueError naming the tensor when any weight of the SAE is NaN or Inf.
+    """
+    sae = loaded.sae
+    for name, t in sae.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_nan = int(torch.isnan(t).sum())
+            n_inf = int(torch.isinf(t).sum())
+            raise ValueError(
+                f"{name} of SAE {label} ({loaded.source}) has {n_nan} NaN and {n_inf} Inf values: "
+                f"the checkpoint is corrupt or training diverged; nothing can be compared"
+            )
+    dec = sae.W_dec.detach().float()
+    w_enc = getattr(sae, "W_enc", None)
+    enc = None
+    if isinstance(w_enc, Tensor) and w_enc.shape == (dec.shape[1], dec.shape[0]):
+        enc = w_enc.detach().float().T
+    return dec, enc
+
+
+# ---- the composition ----------------------------------------------------------------------------
+def compare_saes(
+    a: SAESpec,
+    b: SAESpec,
+    *,
+    activations: ActivationsSpec | None = None,
+    hook: str | None = None,
+    block_size: int = 4096,
+    n_bootstrap: int = 1000,
+    n_permutations: int = 10000,
+    seed: int = 0,
+    null: str = "auto",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    batch_size: int = 1024,
+) -> ComparisonReport:
+    """Compare two SAEs trained on the same space (two precisions, two seeds, two layers).
+
+    Weight metrics (always): best-match cosine of decoder and encoder directions both ways,
+    mutual nearest neighbours, one-to-one matched cosine (Hungarian) and the fraction matched above
+    0.5/0.7/0.9, and the cross-validated matched cosine after an orthogonal (Procrustes) map. Each
+    carries a 95% bootstrap CI, the value expected between random SAEs of the same shapes, and a
+    permutation-test p-value (Holm and BH adjusted over the whole report).
+
+    With ``activations`` (``(x_a, x_b)``: Tensor[n, d_in] at a's and b's sources for the same tokens,
+    or two cached-activation folders read with ``qsae_lens.activations.load_activations`` at ``hook``
+    or each SAE's own hook): CKA of activations and of matched latents' codes, correlation of
+    matched latents across tokens, cross-reconstruction explained variance (raw and after the
+    Procrustes map), and latent categories from the codes. Without them, categories come from the
+    checkpoints' ``sparsity.safetensors`` when present.
+
+    ``null``: "auto" | "analytic" | "simulate" | "none" (how the random-SAE baseline is obtained).
+    Raises ValueError for different d_in, NaN/Inf weights, or an unreadable checkpoint; different
+    hooks or models only add a warning to the report.
+    """
+    from tqdm.auto import tqdm
+
+    if null not in _NULL_MODES:
+        raise ValueError(f"null must be one of {', '.join(_NULL_MODES)}; got {null!r}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    la = load_sae_for_comparison(a, label="a")
+    lb = load_sae_for_comparison(b, label="b")
+    meta_a, meta_b = sae_metadata(la), sae_metadata(lb)
+    if meta_a["d_in"] != meta_b["d_in"]:
+        raise ValueError(
+            f"SAEs have different d_in: a ({la.source}) reads d_in={meta_a['d_in']}, "
+            f"b ({lb.source}) reads d_in={meta_b['d_in']}; only SAEs of the same activation space can be compared"
+        )
+    dec_a, enc_a = latent_directions(la, "a")
+    dec_b, enc_b = latent_directions(lb, "b")
+    if dec_a.shape[1] != dec_b.shape[1]:
+        raise ValueError(
+            f"SAEs write to different widths: W_dec of a is {tuple(dec_a.shape)}, W_dec of b is {tuple(dec_b.shape)}"
+        )
+    report_warnings = _compatibility_warnings(meta_a, meta_b)
+    xs = _load_activation_pair(activations, la, lb, hook, meta_a["d_in"])
+
+    n_steps = 7 + (6 if xs is not None else 0)
+    bar = tqdm(total=n_steps, desc="compare_saes", disable=not progress, leave=False)
+    ctx = _Context(n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed, bar=bar)
+    metrics: dict[str, MetricResult] = {}
+    distributions: dict[str, Any] = {}
+    notes: list[str] = []
+    try:
+        dec_a, dec_b = dec_a.to(dev), dec_b.to(dev)
+        matching = _weight_metrics(
+            dec_a, dec_b, enc_a, enc_b, null=null, block_size=block_size, ctx=ctx, dev=dev,
+            metrics=metrics, distributions=distributions,
+        )  # fmt: skip
+        procrustes = _procrustes_metric(
+            dec_a, dec_b, null=null, block_size=block_size, ctx=ctx, metrics=metrics
+        )
+
+        categories: dict[str, Any] = {}
+        if xs is not None:
+            categories = _activation_metrics(
+                la, lb, xs, matching, procrustes, ctx=ctx, batch_size=batch_size, metrics=metrics,
+                notes=notes,
+            )  # fmt: skip
+        else:
+            categories = _categories_from_sparsity(la, lb, matching)
+    finally:
+        bar.close()
+
+    _adjust_p_values(metrics)
+    settings = {
+        "block_size": block_size,
+        "n_bootstrap": n_bootstrap,
+        "n_permutations": n_permutations,
+        "seed": seed,
+        "null": null,
+        "device": str(dev),
+        "activations": xs is not None,
+        "n_tokens": int(xs[0].shape[0]) if xs is not None else None,
+        "qsae_lens_version": _qsae_version(),
+        "notes": notes,
+    }
+    return ComparisonReport(
+        a=meta_a,
+        b=meta_b,
+        metrics=metrics,
+        latent_categories=categories,
+        distributions=distributions,
+        warnings=report_warnings,
+        settings=settings,
+    )
+
+
+@dataclass
+class _Context:
+    n_bootstrap: int
+    n_permutations: int
+    seed: int
+    bar: Any
+
+    def step(self, what: str) -> None:
+        self.bar.set_postfix_str(what)
+        self.bar.update(1)
+
+
+def _compatibility_warnings(meta_a: dict[str, Any], meta_b: dict[str, Any]) -> list[str]:
+    out = []
+    for key, what in (("hook", "hook points"), ("model", "models")):
+        va, vb = meta_a.get(key), meta_b.get(key)
+        if va is not None and vb is not None and va != vb:
+            out.append(
+                f"a and b read different {what} ({va!r} vs {vb!r}): their directions are compared "
+                f"as if they lived in the same space, which holds only where the two spaces are aligned"
+            )
+    if meta_a["d_sae"] != meta_b["d_sae"]:
+        out.append(
+            f"a and b have different widths (d_sae {meta_a['d_sae']} vs {meta_b['d_sae']}): a→b and b→a "
+            f"best-match differ by construction, and one-to-one matching covers only "
+            f"{min(meta_a['d_sae'], meta_b['d_sae'])} latents"
+        )
+    return out
+
+
+def _load_activation_pair(
+    activations: ActivationsSpec | None, la: LoadedSAE, lb: LoadedSAE, hook: str | None, d_in: int
+) -> tuple[Tensor, Tensor] | None:
+    if activations is None:
+        return None
+    if not isinstance(activations, Sequence) or len(activations) != 2:
+        raise ValueError("activations must be a pair (x_a, x_b) of tensors or of cached-activation folders")
+    xs = []
+    for side, x, loaded in (("a", activations[0], la), ("b", activations[1], lb)):
+        if not isinstance(x, Tensor):
+            folder = Path(x)
+            hook_name = hook or loaded.sae.cfg.metadata.get("hook_name")
+            if hook_name is None:
+                raise ValueError(
+                    f"activations for {side}: SAE {side} records no hook_name; pass hook=... (--hook) to pick "
+                    f"the activations in {folder}"
+                )
+            if not folder.exists():
+                raise FileNotFoundError(f"activations for {side}: no cached-activation folder at {folder}")
+            from qsae_lens.activations import load_activations
+
+            x = load_activations(folder, hook_name)
+        x = x.detach().float().cpu()
+        if x.ndim != 2 or x.shape[1] != d_in:
+            raise ValueError(
+                f"activations for {side} must be Tensor[n, d_in={d_in}] (SAE {side}'s d_in); got {tuple(x.shape)}"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"activations for {side} contain NaN or Inf values")
+        xs.append(x)
+    if xs[0].shape[0] != xs[1].shape[0]:
+        raise ValueError(
+            f"activations must cover the same tokens: x_a has {xs[0].shape[0]} rows, x_b has {xs[1].shape[0]}"
+        )
+    if xs[0].shape[0] < 4:
+        raise ValueError(
+            f"activations: need at least 4 tokens for CKA and correlations, got {xs[0].shape[0]}"
+        )
+    return xs[0], xs[1]
+
+
+def _qsae_version() -> str:
+    from qsae_lens import __version__
+
+    return __version__
+
+
+def _finite(values: Tensor) -> Tensor:
+    values = values.detach().double().flatten().cpu()
+    return values[torch.isfinite(values)]
+
+
+def _quantiles_and_histogram(
+    values: Tensor, null_values: Tensor | None = None, null_mean: float | None = None, *, n_bins: int = 50
+) -> dict[str, Any]:
+    """Summary kept in the report for a per-latent distribution (and figures drawn from it)."""
+    v = _finite(values)
+    lo = -1.0 if v.numel() == 0 else max(-1.0, math.floor(float(v.min()) * 20) / 20)
+    if null_values is not None and null_values.numel():
+        lo = min(lo, max(-1.0, math.floor(float(_finite(null_values).min()) * 20) / 20))
+    edges = torch.linspace(lo, 1.0, n_bins + 1, dtype=torch.float64)
+    # clamp so that cosines of exactly 1.0 (1 + 1e-7 in float32) land in the last bin
+    counts = torch.histc(v.clamp(lo, 1.0), bins=n_bins, min=lo, max=1.0) if v.numel() else torch.zeros(n_bins)
+    out: dict[str, Any] = {
+        "n": int(v.numel()),
+        "mean": float(v.mean()) if v.numel() else None,
+        "quantiles": {
+            str(q): float(x)
+            for q, x in zip(QUANTILES, torch.quantile(v, torch.tensor(QUANTILES, dtype=v.dtype)))
+        }
+        if v.numel()
+        else {},
+        "histogram": {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]},
+        "null": null_mean,
+    }
+    if null_values is not None and null_values.numel():
+        nv = _finite(null_values)
+        if null_mean is None:
+            out["null"] = float(nv.mean())
+        out["null_histogram"] = [int(c) for c in torch.histc(nv.clamp(lo, 1.0), bins=n_bins, min=lo, max=1.0)]
+    return out
+
+
+def _adjust_p_values(metrics: dict[str, MetricResult]) -> None:
+    from qsae_lens.compare.stats import benjamini_hochberg, holm
+
+    names = [n for n, m in metrics.items() if m.p_value is not None]
+    if not names:
+        return
+    ps = torch.tensor([metrics[n].p_value for n in names], dtype=torch.float64)
+    p_holm = holm(ps)
+    p_bh = benjamini_hochberg(ps)
+    for i, n in enumerate(names):
+        metrics[n] = metrics[n]._replace(p_value_holm=float(p_holm[i]), p_value_bh=float(p_bh[i]))
+
+
+_NULL_MODES = ("auto", "analytic", "simulate", "none")
+
+
+def reference_nulls(
+    n_a: int, n_b: int, d: int, mode: str, *, seed: int = 0, block_size: int = 4096, device: Any = "cpu"
+) -> dict[str, float]:
+    """Expected value of each weight metric between random SAEs of shapes [n_a, d] and [n_b, d]
+    (``qsae_lens.compare.nulls``): the "null" column of the report.
+
+    ``mode``: "auto" (analytic best-match, simulated-and-cached matching/MNN), "analytic" (only what has
+    a closed form: best match), "simulate" (everything simulated), "none" (no nulls).
+    """
+    if mode == "none":
+        return {}
+    from qsae_lens.compare import nulls
+
+    out: dict[str, float] = {}
+    if mode in ("auto", "analytic"):
+        out["best_match_ab"] = nulls.best_match_null(n_a, n_b, d).mean
+        out["best_match_ba"] = nulls.best_match_null(n_b, n_a, d).mean
+    if mode in ("auto", "simulate"):
+        sim = nulls.simulate_alignment_nulls(n_a, n_b, d, seed=seed, block_size=block_size, device=device)
+        out.setdefault("best_match_ab", sim.best_match_ab.mean)
+        out.setdefault("best_match_ba", sim.best_match_ba.mean)
+        out["matched"] = sim.matched_cosine.mean
+        out["mutual_nn"] = sim.mutual_nn_fraction.mean
+    return out
+
+
+# ---- weight metrics -----------------------------------------------------------------------------
+@dataclass
+class _NullSample:
+    """Per-latent values of each weight metric against a random SAE of the other's shape."""
+
+    best_match_ab: Tensor | None = None
+    best_match_ba: Tensor | None = None
+    encoder_best_match_ab: Tensor | None = None
+    encoder_best_match_ba: Tensor | None = None
+    mutual_nn: Tensor | None = None
+    matched: Tensor | None = None
+
+
+def _random_like(n: int, d: int, seed: int, device: torch.device) -> Tensor:
+    """Isotropic Gaussian directions Tensor[n, d]: a random SAE of the same shape, as the null assumes."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen).to(device)
+
+
+def _weight_metrics(
+    dec_a: Tensor,
+    dec_b: Tensor,
+    enc_a: Tensor | None,
+    enc_b: Tensor | None,
+    *,
+    null: str,
+    block_size: int,
+    ctx: _Context,
+    dev: torch.device,
+    metrics: dict[str, MetricResult],
+    distributions: dict[str, Any],
+) -> Any:
+    """Best match both ways (decoder and encoder), MNN, one-to-one matching; returns the Matching."""
+    from qsae_lens.compare.alignment import (
+        best_match_both,
+        fraction_above,
+        mutual_nearest_neighbours,
+        one_to_one_matching,
+    )
+
+    n_a, n_b, d = dec_a.shape[0], dec_b.shape[0], dec_a.shape[1]
+    ref = reference_nulls(n_a, n_b, d, null, seed=ctx.seed, block_size=block_size, device=dev)
+    ctx.step("null baselines")
+    # A null sample: each SAE against random directions of the other's shape (seeded). For isotropic
+    # random directions the per-latent best-match cosine has the same law whatever the fixed latent
+    # is, so these are draws from the random-vs-random null, paired latent by latent with the
+    # observed values (which the paired permutation test needs).
+    ns = _NullSample()
+    if null != "none":
+        rand_b = _random_like(n_b, d, ctx.seed + 1, dev)
+        rand_a = _random_like(n_a, d, ctx.seed + 2, dev)
+
+    bm_ab, bm_ba = best_match_both(dec_a, dec_b, block_size=block_size)
+    mnn = mutual_nearest_neighbours(dec_a, dec_b, matches=(bm_ab, bm_ba))
+    if null != "none":
+        null_ab, _ = best_match_both(dec_a, rand_b, block_size=block_size)
+        null_ba, _ = best_match_both(dec_b, rand_a, block_size=block_size)
+        ns.best_match_ab, ns.best_match_ba = null_ab.cosine, null_ba.cosine
+        ns.mutual_nn = mutual_nearest_neighbours(dec_a, rand_b, block_size=block_size).float()
+    ctx.step("decoder best match")
+    r_ab, r_ba = ref.get("best_match_ab"), ref.get("best_match_ba")
+    _add_mean_metric(
+        metrics, "decoder_cosine_best_match_ab", bm_ab.cosine, ns.best_match_ab, ctx, null_mean=r_ab
+    )
+    _add_mean_metric(
+        metrics, "decoder_cosine_best_match_ba", bm_ba.cosine, ns.best_match_ba, ctx, null_mean=r_ba
+    )
+    _add_mean_metric(
+        metrics, "decoder_mutual_nn_fraction", mnn.float(), ns.mutual_nn, ctx, null_mean=ref.get("mutual_nn")
+    )
+    distributions["decoder_cosine_best_match_ab"] = _quantiles_and_histogram(
+        bm_ab.cosine, ns.best_match_ab, r_ab
+    )
+    distributions["decoder_cosine_best_match_ba"] = _quantiles_and_histogram(
+        bm_ba.cosine, ns.best_match_ba, r_ba
+    )
+
+    if enc_a is not None and enc_b is not None:
+        enc_a, enc_b = enc_a.to(dev), enc_b.to(dev)
+        e_ab, e_ba = best_match_both(enc_a, enc_b, block_size=block_size)
+        if null != "none":
+            ns.encoder_best_match_ab = best_match_both(enc_a, rand_b, block_size=block_size)[0].cosine
+            ns.encoder_best_match_ba = best_match_both(enc_b, rand_a, block_size=block_size)[0].cosine
+        _add_mean_metric(
+            metrics,
+            "encoder_cosine_best_match_ab",
+            e_ab.cosine,
+            ns.encoder_best_match_ab,
+            ctx,
+            null_mean=r_ab,
+        )
+        _add_mean_metric(
+            metrics,
+            "encoder_cosine_best_match_ba",
+            e_ba.cosine,
+            ns.encoder_best_match_ba,
+            ctx,
+            null_mean=r_ba,
+        )
+        distributions["encoder_cosine_best_match_ab"] = _quantiles_and_histogram(
+            e_ab.cosine, ns.encoder_best_match_ab, r_ab
+        )
+        distributions["encoder_cosine_best_match_ba"] = _quantiles_and_histogram(
+            e_ba.cosine, ns.encoder_best_match_ba, r_ba
+        )
+    ctx.step("encoder best match")
+
+    matching = one_to_one_matching(dec_a, dec_b, block_size=block_size)
+    if null != "none":
+        ns.matched = one_to_one_matching(dec_a, rand_b, block_size=block_size).cosine
+    ctx.step("one-to-one matching")
+    r_m = ref.get("matched")
+    _add_mean_metric(metrics, "decoder_matched_cosine", matching.cosine, ns.matched, ctx, null_mean=r_m)
+    distributions["decoder_matched_cosine"] = _quantiles_and_histogram(matching.cosine, ns.matched, r_m)
+    observed_frac = fraction_above(matching.cosine, MATCH_THRESHOLDS)
+    null_frac = fraction_above(ns.matched, MATCH_THRESHOLDS) if ns.matched is not None else {}
+    for t in MATCH_THRESHOLDS:
+        above = (matching.cosine > t).float()
+        null_above = (ns.matched > t).float() if ns.matched is not None else None
+        name = f"decoder_matched_fraction_above_{t}"
+        _add_mean_metric(metrics, name, above, null_above, ctx)
+        # fraction_above is the definition; the bootstrap above is over the same indicator values
+        metrics[name] = metrics[name]._replace(
+            value=observed_frac[t], null=null_frac.get(t, metrics[name].null)
+        )
+    ctx.step("fractions above thresholds")
+    return matching
+
+
+def _add_mean_metric(
+    metrics: dict[str, MetricResult],
+    name: str,
+    values: Tensor,
+    null_values: Tensor | None,
+    ctx: _Context,
+    *,
+    null_mean: float | None = None,
+) -> None:
+    """A mean over latents with its bootstrap CI, the null's mean and the paired permutation p-value
+    of observed against null values (one per latent)."""
+    from qsae_lens.compare.stats import bootstrap_ci, paired_permutation_test
+
+    v = _finite(values)
+    if v.numel() == 0:
+        metrics[name] = MetricResult(float("nan"))
+        return
+    est = bootstrap_ci(v, n_resamples=ctx.n_bootstrap, seed=ctx.seed)
+    p = None
+    null = null_mean
+    if null_values is not None:
+        nv = _finite(null_values)
+        if null is None and nv.numel():
+            null = float(nv.mean())
+        m = min(v.numel(), nv.numel())
+        if m >= 2:
+            p = paired_permutation_test(v[:m], nv[:m], n_permutations=ctx.n_permutations, seed=ctx.seed)
+    metrics[name] = MetricResult(est.value, est.ci_low, est.ci_high, null, p)
+
+
+def _procrustes_metric(
+    dec_a: Tensor,
+    dec_b: Tensor,
+    *,
+    null: str,
+    block_size: int,
+    ctx: _Context,
+    metrics: dict[str, MetricResult],
+) -> Any:
+    """Cross-validated matched cosine after an orthogonal map fitted on matched pairs (see
+    ``alignment.procrustes_matched``); its null is the same procedure between a and random directions."""
+    from qsae_lens.compare.alignment import procrustes_matched
+
+    d = dec_a.shape[1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # underdetermined fit: the CV score is the honest one
+            res = procrustes_matched(dec_a, dec_b, seed=ctx.seed, block_size=block_size)
+    except ValueError as e:  # too few latents to hold out a fold
+        metrics["decoder_procrustes_matched_cosine"] = MetricResult(float("nan"))
+        ctx.step(f"procrustes skipped: {e}")
+        return None
+    # Under "b shares nothing with a", the held-out latents of a (under a map fitted without them)
+    # meet directions that are random to them: the held-out matched cosines are those of a random
+    # matching of test_shape (one per fold), which is cheap to draw and to take from the nulls cache.
+    null_cos, null_mean = None, None
+    if null != "none":
+        from qsae_lens.compare.alignment import one_to_one_matching
+
+        n_t, m_t = res.test_shape
+        null_cos = torch.cat(
+            [
+                one_to_one_matching(
+                    _random_like(n_t, d, ctx.seed + 10 + 2 * f, dec_a.device),
+                    _random_like(m_t, d, ctx.seed + 11 + 2 * f, dec_a.device),
+                    block_size=block_size,
+                ).cosine
+                for f in range(len(res.fold_cosines))
+            ]
+        )
+        if null in ("auto", "simulate"):
+            null_mean = reference_nulls(n_t, m_t, d, "simulate", seed=ctx.seed, block_size=block_size,
+                                        device=dec_a.device)["matched"]  # fmt: skip
+    _add_mean_metric(
+        metrics, "decoder_procrustes_matched_cosine", res.cv_cosine, null_cos, ctx, null_mean=null_mean
+    )
+    ctx.step("procrustes")
+    return res
+
+
+# ---- activation metrics -------------------------------------------------------------------------
+# Permutation nulls of CKA recompute XᵀPY (n·d1·d2 multiply-adds) per permutation: cap the count, and
+# skip the test where even 100 permutations would cost more than this many multiply-adds.
+_CKA_MAX_PERMUTATIONS = 1000
+_CKA_PERMUTATION_BUDGET = 2e11
+
+
+def _cka_metric(
+    metrics: dict[str, MetricResult],
+    names: tuple[str, str | None],
+    x: Tensor,
+    y: Tensor,
+    ctx: _Context,
+    notes: list[str],
+) -> None:
+    """Biased (and optionally debiased) linear CKA with a token-permutation null and p-value."""
+    from qsae_lens.compare.cka import MAX_FEATURE_DIM, cka_permutation_null, gram_linear_cka, linear_cka
+
+    name, debiased_name = names
+    n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
+    if max(d1, d2) > MAX_FEATURE_DIM:
+        # feature-space matrices would not fit; the n×n Gram form on a token subsample estimates the same CKA
+        n_sub = min(n, 4096)
+        notes.append(
+            f"{name}: width {max(d1, d2)} > {MAX_FEATURE_DIM}, CKA from the Gram form on {n_sub} tokens"
+        )
+        metrics[name] = MetricResult(gram_linear_cka(x[:n_sub], y[:n_sub]))
+        if debiased_name:
+            metrics[debiased_name] = MetricResult(gram_linear_cka(x[:n_sub], y[:n_sub], debiased=True))
+        return
+    n_perm = int(
+        min(ctx.n_permutations, _CKA_MAX_PERMUTATIONS, _CKA_PERMUTATION_BUDGET // max(n * d1 * d2, 1))
+    )
+    for metric, debiased in ((name, False), (debiased_name, True)):
+        if metric is None:
+            continue
+        value = linear_cka(x, y, debiased=debiased)
+        null = p = None
+        if n_perm >= 100:
+            res = cka_permutation_null(x, y, n_permutations=n_perm, seed=ctx.seed, debiased=debiased)
+            null, p = float(res.null.mean()), float(res.p_value)
+        else:
+            notes.append(
+                f"{metric}: permutation null skipped ({n}x{d1}x{d2} is too large for 100 permutations)"
+            )
+        metrics[metric] = MetricResult(value, null=null, p_value=p)
+
+
+def _activation_metrics(
+    la: LoadedSAE,
+    lb: LoadedSAE,
+    xs: tuple[Tensor, Tensor],
+    matching: Any,
+    procrustes: Any,
+    *,
+    ctx: _Context,
+    batch_size: int,
+    metrics: dict[str, MetricResult],
+    notes: list[str],
+) -> dict[str, Any]:
+    """CKA, matched-latent correlation and code CKA, cross-reconstruction, and latent categories."""
+    from qsae_lens.compare.activation_metrics import (
+        cross_reconstruction_explained_variance,
+        latent_activation_correlation,
+        sae_codes,
+    )
+    from qsae_lens.compare.stats import bootstrap_ci, paired_permutation_test
+
+    x_a, x_b = xs
+    _cka_metric(metrics, ("activation_cka", "activation_cka_debiased"), x_a, x_b, ctx, notes)
+    ctx.step("activation CKA")
+
+    codes_a = sae_codes(la.sae, x_a, batch_size)
+    codes_b = sae_codes(lb.sae, x_b, batch_size)
+    ctx.step("SAE codes")
+
+    rows, cols = matching.rows.cpu(), matching.cols.cpu()
+    _cka_metric(metrics, ("latent_code_cka", None), codes_a[:, rows], codes_b[:, cols], ctx, notes)
+    ctx.step("latent code CKA")
+
+    corr = _finite(latent_activation_correlation(codes_a, codes_b, rows, cols))
+    if corr.numel() >= 2:
+        est = bootstrap_ci(corr, n_resamples=ctx.n_bootstrap, seed=ctx.seed)
+        # under "token order unrelated" each Pearson correlation is symmetric about 0: sign-flip test
+        p = paired_permutation_test(
+            corr, torch.zeros_like(corr), n_permutations=ctx.n_permutations, seed=ctx.seed
+        )
+        metrics["latent_activation_correlation_matched"] = MetricResult(
+            est.value, est.ci_low, est.ci_high, 0.0, p
+        )
+    else:
+        notes.append(
+            "latent_activation_correlation_matched: fewer than 2 matched pairs where both latents fire"
+        )
+        metrics["latent_activation_correlation_matched"] = MetricResult(float("nan"))
+    ctx.step("latent correlation")
+
+    sae_a = la.sae
+    with torch.no_grad():
+        metrics["cross_reconstruction_explained_variance_aa"] = MetricResult(
+            float(cross_reconstruction_explained_variance(sae_a.encode, sae_a.decode, x_a))
+        )
+        metrics["cross_reconstruction_explained_variance_ab"] = MetricResult(
+            float(cross_reconstruction_explained_variance(sae_a.encode, sae_a.decode, x_b))
+        )
+        if procrustes is not None:
+            metrics["cross_reconstruction_explained_variance_ab_procrustes"] = MetricResult(
+                float(
+                    cross_reconstruction_explained_variance(
+                        sae_a.encode, sae_a.decode, x_b, rotation=procrustes.rotation.cpu()
+                    )
+                )
+            )
+    ctx.step("cross-reconstruction")
+
+    cats = _categories_from_codes(codes_a, codes_b, rows, cols)
+    ctx.step("latent categories")
+    return cats
+
+
+def _categories_from_codes(codes_a: Tensor, codes_b: Tensor, rows: Tensor, cols: Tensor) -> dict[str, Any]:
+    from qsae_lens.compare.categories import firing_stats_from_codes, latent_categories
+
+    fa, ma = firing_stats_from_codes(codes_a)
+    fb, mb = firing_stats_from_codes(codes_b)
+    return _category_summary(latent_categories(fa, ma), latent_categories(fb, mb), rows, cols, "activations")
+
+
+def _categories_from_sparsity(la: LoadedSAE, lb: LoadedSAE, matching: Any) -> dict[str, Any]:
+    """Categories from SAELens's sparsity.safetensors (log10 firing frequency) when both SAEs have one."""
+    if any(lo.sparsity_path is None and lo.log_sparsity is None for lo in (la, lb)):
+        return {
+            "source": None,
+            "note": "no activations and no sparsity.safetensors for both SAEs: categories unknown",
+        }
+    from qsae_lens.compare.categories import firing_frequency_from_sparsity_file, latent_categories
+
+    freqs = []
+    for loaded in (la, lb):
+        if loaded.sparsity_path is not None:
+            freqs.append(firing_frequency_from_sparsity_file(loaded.sparsity_path))
+        else:
+            freqs.append(torch.pow(10.0, loaded.log_sparsity.double().cpu()))
+    cat_a, cat_b = (latent_categories(f, None) for f in freqs)
+    return _category_summary(cat_a, cat_b, matching.rows.cpu(), matching.cols.cpu(), "sparsity.safetensors")
+
+
+def _category_summary(
+    cat_a: Tensor, cat_b: Tensor, rows: Tensor, cols: Tensor, source: str
+) -> dict[str, Any]:
+    from qsae_lens.compare.categories import CATEGORY_NAMES, category_counts, category_transition_table
+
+    names = list(CATEGORY_NAMES)
+    table = category_transition_table(cat_a[rows], cat_b[cols])
+    return {
+        "source": source,
+        "names": names,
+        "a": {k: int(v) for k, v in category_counts(cat_a).items()},
+        "b": {k: int(v) for k, v in category_counts(cat_b).items()},
+        "transition": {"rows": names, "cols": names, "counts": [[int(v) for v in r] for r in table.tolist()]},
+    }
