@@ -141,7 +141,7 @@ def tokenize_corpus(
     prepend_bos: bool | None = None,
     separator: int | Literal["bos", "eos"] | None = "eos",
     shuffle_documents: bool = True,
-    tokenize_chunk: int = 64,
+    tokenize_chunk: int = 256,
 ) -> datasets.Dataset:
     """Tokenize a corpus into fixed-length windows: a ``Dataset`` with ``input_ids`` ``[n, context_size]``.
 
@@ -169,8 +169,11 @@ def tokenize_corpus(
     pieces: list[np.ndarray] = []
     n_tokens = 0
     need = None if max_windows is None else max_windows * body
-    for start in range(0, len(order), tokenize_chunk):
-        chunk = [texts[i] for i in order[start : start + tokenize_chunk]]
+    start, size = 0, 8 if need is not None else tokenize_chunk
+    while start < len(order):
+        # with max_windows, grow the chunk from a few documents so a small request stays cheap
+        chunk = [texts[i] for i in order[start : start + size]]
+        start, size = start + size, min(2 * size, tokenize_chunk)
         # The fast tokenizer batches in Rust; verbose=False silences the "longer than the model's
         # maximum length" warning, irrelevant here since we cut windows ourselves.
         ids = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
