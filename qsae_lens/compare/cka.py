@@ -279,8 +279,8 @@ def cka_permutation_null(
             return fro2
         return fro2 - n / (n - 2) * ktl + s_a * s_b / ((n - 1) * (n - 2))
 
-    xx = corrected(torch.tensor(float(((xc.T @ xc) ** 2).sum())), k @ k, sk, sk)
-    yy = corrected(torch.tensor(float(((yc.T @ yc) ** 2).sum())), ell @ ell, sl, sl)
+    xx = corrected(((xc.T @ xc) ** 2).sum(), k @ k, sk, sk)
+    yy = corrected(((yc.T @ yc) ** 2).sum(), ell @ ell, sl, sl)
     denom = float(xx * yy) ** 0.5 if float(xx * yy) > 0 else float("nan")
     observed = float(corrected(((xc.T @ yc) ** 2).sum(), k @ ell, sk, sl)) / denom
 
