@@ -289,7 +289,6 @@ class CacheInfo:
             "context_size": self.rows_per_window,
             "is_dataset_tokenized": True,
             "exclude_special_tokens": list(self.special_token_ids) if self.exclude_special_tokens else False,
-            "dtype": self.dtype,
         }
 
 
@@ -373,7 +372,8 @@ def cache_activations(
     max_tokens: int | None = None,
     stop_at_layer: int | None | Literal["auto"] = "auto",
     dtype: Literal["float32", "float16"] = "float32",
-    batches_per_shard: int = 8,
+    batches_per_shard: int | None = None,
+    shard_megabytes: int = 256,
     progress: bool = True,
 ) -> Path:
     """Run ``model`` over token windows once and cache several hooks' activations for SAELens.
@@ -383,7 +383,9 @@ def cache_activations(
     ``HookedTransformer``). ``dataset`` has an ``input_ids`` column of fixed-length windows
     (:func:`qsae_lens.corpus.tokenize_corpus`) or is a ``Tensor[n, ctx]``. One forward pass per
     batch serves every hook, stopped after the deepest requested block (``stop_at_layer="auto"``).
-    ``max_tokens`` caps the input tokens read (whole windows). Returns the cache folder; see the
+    ``max_tokens`` caps the input tokens read (whole windows). A shard (the unit of resumption)
+    holds ``batches_per_shard`` batches, by default as many as fit in about ``shard_megabytes``
+    (estimated from ``model.cfg.d_model``), which bounds memory. Returns the cache folder; see the
     module docstring for its format, resumption and atomicity. A finished cache with the same
     settings is returned as is.
     """
@@ -391,8 +393,10 @@ def cache_activations(
         raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}.")
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be 'float32' or 'float16' (arrow has no bfloat16), got {dtype!r}.")
-    if batch_size < 1 or batches_per_shard < 1:
+    if batch_size < 1 or (batches_per_shard is not None and batches_per_shard < 1):
         raise ValueError("batch_size and batches_per_shard must be positive.")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens}.")
     hooks = [hook_names] if isinstance(hook_names, str) else list(dict.fromkeys(hook_names))
     if not hooks:
         raise ValueError("hook_names is empty: name at least one hook, e.g. 'blocks.0.hook_resid_post'.")
@@ -414,6 +418,11 @@ def cache_activations(
     ctx = _token_rows(source, column, 0, 1).shape[1]
     n_windows = n_total if max_tokens is None else min(n_total, max(1, max_tokens // ctx))
     model_cfg = getattr(model, "cfg", None)
+    if batches_per_shard is None:
+        d_model = int(getattr(model_cfg, "d_model", 1024))
+        rows = ctx if aggregation == "all" else 1
+        batch_bytes = batch_size * rows * len(hooks) * d_model * (4 if dtype == "float32" else 2)
+        batches_per_shard = max(1, (shard_megabytes << 20) // batch_bytes)
     signature = _run_signature(
         hook_names=hooks,
         aggregation=aggregation,
