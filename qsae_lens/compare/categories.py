@@ -125,6 +125,9 @@ def firing_stats_from_codes(codes_iter: Iterable[Tensor]) -> tuple[Tensor, Tenso
 def firing_frequency_from_sparsity_file(path: str | Path) -> Tensor:
     """Firing frequency (Tensor[d_sae] float64, in [0, 1]) from SAELens's ``sparsity.safetensors``.
 
+    The file is float32, so frequencies come back to ~1e-7 relative: a latent sitting exactly on a
+    category threshold (e.g. 0.5) may land on either side of it.
+
     SAELens saves ``{"sparsity": log10(freq + 1e-10)}`` (float32) for the last sparsity window of
     training. We invert it in float64 and snap values that are zero up to float32 rounding of the
     log (|error| <~ 1e-15) to exactly 0, so ``latent_categories`` marks those latents dead. With only
