@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -700,7 +701,7 @@ def run_publish_command(args: argparse.Namespace) -> int:
             commit_message=args.commit_message,
         )
     except (HubPublishError, ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
-        print(f"qsae publish: error: {err}")
+        print(f"qsae publish: error: {err}", file=sys.stderr)
         return 1
     verb = "staged (dry run, nothing uploaded) in" if args.dry_run else "published to"
     print(f"{len(saes)} SAE(s) {verb} {result}")

@@ -256,7 +256,7 @@ def test_publish_without_network_fails_cleanly_and_never_shows_token(
     # the same through the CLI, with the token coming from HF_TOKEN
     assert main(["publish", str(src), "my-org/smollm2-saes"]) == 1
     out, errout = capfd.readouterr()
-    assert "Cannot reach the Hugging Face hub" in out
+    assert "Cannot reach the Hugging Face hub" in errout
     for text in (str(err), repr(err), shown, out, errout, caplog.text):
         assert FAKE_TOKEN not in text
     assert caplog.records  # the DEBUG logs were captured, so their absence of the token means something
