@@ -258,3 +258,16 @@ def test_default_model_cache_and_cli(smollm2_path, tmp_path) -> None:
     cli_info = read_cache_info(cli_out)
     assert cli_info.hook_names == ["blocks.0.hook_resid_post", "blocks.29.hook_resid_post"]
     assert cli_info.n_vectors == 2 and cli_info.d_in["blocks.29.hook_resid_post"] == 576
+
+
+def test_cache_cli_arguments() -> None:
+    from qsae_lens.cli import build_parser
+
+    argv = ["cache", "--layers", "probe", "--precision", "nf4", "--aggregation", "mean"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.layers, args.precision, args.aggregation, args.hook, args.corpus) == ("probe", "nf4", "mean", "resid_post", "stdlib")
+    argv = ["cache", "--layers", "0,4, 8"]
+    assert build_parser(argv).parse_args(argv).layers == [0, 4, 8]
+    argv = ["cache", "--layers", "first"]
+    with pytest.raises(SystemExit):
+        build_parser(argv).parse_args(argv)
