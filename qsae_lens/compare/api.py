@@ -475,8 +475,12 @@ class _NullSample:
 
 
 def _random_like(n: int, d: int, seed: int, device: torch.device) -> Tensor:
-    """Isotropic Gaussian directions Tensor[n, d]: a random SAE of the same shape, as the null assumes."""
-    gen = torch.Generator().manual_seed(seed)
+    """Isotropic Gaussian directions Tensor[n, d]: a random SAE of the same shape, as the null assumes.
+
+    The user's seed is mixed with a constant so that the null's directions never coincide with
+    weights a caller drew from ``torch.Generator().manual_seed(small int)`` (which would make the
+    "random" SAE a copy of a real one)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + 0x5EED_C0DE) % (2**63))
     return torch.randn(n, d, generator=gen).to(device)
 
 
@@ -778,10 +782,12 @@ def _activation_metrics(
             float(cross_reconstruction_explained_variance(sae_a.encode, sae_a.decode, x_b))
         )
         if procrustes is not None:
+            # the fitted R maps a's directions into b's space (W_dec_a @ R ≈ W_dec_b), so x_b @ Rᵀ is
+            # b's activations expressed in a's space, where SAE a can read them
             metrics["cross_reconstruction_explained_variance_ab_procrustes"] = MetricResult(
                 float(
                     cross_reconstruction_explained_variance(
-                        sae_a.encode, sae_a.decode, x_b, rotation=procrustes.rotation.cpu()
+                        sae_a.encode, sae_a.decode, x_b, rotation=procrustes.rotation.cpu().T
                     )
                 )
             )
@@ -795,8 +801,8 @@ def _activation_metrics(
 def _categories_from_codes(codes_a: Tensor, codes_b: Tensor, rows: Tensor, cols: Tensor) -> dict[str, Any]:
     from qsae_lens.compare.categories import firing_stats_from_codes, latent_categories
 
-    fa, ma = firing_stats_from_codes(codes_a)
-    fb, mb = firing_stats_from_codes(codes_b)
+    fa, ma = firing_stats_from_codes([codes_a])
+    fb, mb = firing_stats_from_codes([codes_b])
     return _category_summary(latent_categories(fa, ma), latent_categories(fb, mb), rows, cols, "activations")
 
 
@@ -807,14 +813,18 @@ def _categories_from_sparsity(la: LoadedSAE, lb: LoadedSAE, matching: Any) -> di
             "source": None,
             "note": "no activations and no sparsity.safetensors for both SAEs: categories unknown",
         }
-    from qsae_lens.compare.categories import firing_frequency_from_sparsity_file, latent_categories
+    from qsae_lens.compare.categories import (
+        firing_frequency_from_log_sparsity,
+        firing_frequency_from_sparsity_file,
+        latent_categories,
+    )
 
     freqs = []
     for loaded in (la, lb):
         if loaded.sparsity_path is not None:
             freqs.append(firing_frequency_from_sparsity_file(loaded.sparsity_path))
         else:
-            freqs.append(torch.pow(10.0, loaded.log_sparsity.double().cpu()))
+            freqs.append(firing_frequency_from_log_sparsity(loaded.log_sparsity, source=loaded.source))
     cat_a, cat_b = (latent_categories(f, None) for f in freqs)
     return _category_summary(cat_a, cat_b, matching.rows.cpu(), matching.cols.cpu(), "sparsity.safetensors")
 
