@@ -568,7 +568,7 @@ def _upload_with_token(
     kept: str,
 ) -> str:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
     from sae_lens import upload_saes_to_huggingface
 
     api = HfApi(token=token)
@@ -579,10 +579,16 @@ def _upload_with_token(
         api.repo_info(repo_id, timeout=PREFLIGHT_TIMEOUT_S)
     except RepositoryNotFoundError:
         pass  # created below
-    except Exception as err:  # re-raised below without the token
+    except HfHubHTTPError as err:  # the hub answered, with an error (bad token, no access, outage)
+        message = _scrub(
+            f"The Hugging Face hub at {api.endpoint} refused the request ({type(err).__name__}: {err}). "
+            f"Nothing was uploaded{kept}. Check the token's write access to {repo_id}, then retry.",
+            token,
+        )
+    except Exception as err:  # no answer at all; re-raised below without the token
         message = _scrub(
             f"Cannot reach the Hugging Face hub at {api.endpoint} ({type(err).__name__}: {err}). Nothing was "
-            f"uploaded{kept}. Check the network (or HF_ENDPOINT) and the token, then retry.",
+            f"uploaded{kept}. Check the network (or HF_ENDPOINT), then retry.",
             token,
         )
     if message is not None:

@@ -390,6 +390,7 @@ def test_hub_error_that_echoes_the_token_is_scrubbed(saes, tmp_path, monkeypatch
         server.shutdown()
         thread.join()
     err = excinfo.value
+    assert "refused the request" in str(err) and "Nothing was uploaded" in str(err)
     assert "<redacted>" in str(err)  # the server did echo it; we removed it
     out, errout = capfd.readouterr()
     for text in (str(err), repr(err), "".join(traceback.format_exception(err)), out, errout, caplog.text):
