@@ -329,3 +329,32 @@ def test_categories_from_sparsity_file(saes, tmp_path):
     assert cats["a"] == expected == cats["b"]
     assert sum(map(sum, cats["transition"]["counts"])) == D_SAE
     assert not math.isnan(sum(expected.values()))
+
+
+def test_hub_ids_resolve_through_saelens(saes, tmp_path, monkeypatch):
+    """'owner/repo/sae_id' and (repo, sae_id) load through SAELens's from_pretrained from a hub cache
+    laid out as huggingface_hub writes it (offline: the hub is unreachable here)."""
+    import shutil
+
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    from qsae_lens.compare import compare_saes
+
+    repo_id, commit = "my-org/qsae-test-saes", "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / repo_folder_name(repo_id=repo_id, repo_type="model")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for sae_id, key in (("resid3-bf16", "a"), ("resid3-perm", "permuted")):
+        shutil.copytree(saes[key], repo / "snapshots" / commit / sae_id)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    rep = compare_saes(f"{repo_id}/resid3-bf16", (repo_id, "resid3-perm"), **FAST)
+    assert rep.a["source"] == f"{repo_id}/resid3-bf16" and rep.b["source"] == f"{repo_id}/resid3-perm"
+    assert rep.metrics["decoder_matched_cosine"].value == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match=r"SAE b: could not load 'nope' from 'my-org/qsae-test-saes'"):
+        compare_saes(saes["a"], (repo_id, "nope"), **FAST)
+    with pytest.raises(ValueError, match="neither a local folder nor a hub id"):
+        compare_saes(saes["a"], "not-a-release/x", **FAST)
