@@ -12,7 +12,8 @@ an ``input_ids`` column: exactly what SAELens's ``ActivationsStore`` reads when
 BOS, deliberately: SAELens assumes a pre-tokenized dataset already carries every BOS/separator
 it wants, and calls the model with ``prepend_bos=False``. Position 0 of any window becomes the
 model's attention sink with a huge residual norm whatever token sits there (measured on the
-embedded SmolLM2: ~11,600 at layer 29 without BOS, ~10,700 with it, against ~700 elsewhere). So
+embedded SmolLM2, ``blocks.12.hook_resid_post``: ~25,100 for BOS, 20,000-26,000 for an ordinary
+first token without BOS, against ~150 for every other position). So
 each window starts with BOS by default: the sink lands on a *special* token, which
 ``exclude_special_tokens`` (SAELens's, and ours in :mod:`qsae_lens.activations`) then drops.
 Documents are separated by EOS — also special, also dropped. This mirrors SAELens's own

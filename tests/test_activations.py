@@ -239,7 +239,7 @@ def test_default_model_cache_and_cli(smollm2_path, tmp_path) -> None:
 
     model = models.load_model(str(smollm2_path), precision="fp32")
     windows = tokenize_corpus(model.tokenizer, "stdlib", context_size=24, max_windows=3)
-    hooks = ["blocks.0.hook_resid_post", "blocks.5.hook_resid_post"]
+    hooks = ["blocks.0.hook_resid_post", "blocks.12.hook_resid_post"]
     out = cache_activations(model, windows, hooks, tmp_path / "smol", batch_size=3, progress=False)
     tokens = torch.tensor(windows["input_ids"])
     special = torch.isin(tokens, torch.tensor(special_token_ids(model.tokenizer)))
@@ -250,7 +250,7 @@ def test_default_model_cache_and_cli(smollm2_path, tmp_path) -> None:
     info = read_cache_info(out)
     assert info.precision_metadata is not None and info.precision_metadata.get("precision") == "fp32"
     # the norm trap: BOS sits at position 0 with a huge norm and is excluded from the cache
-    assert cache[hooks[1]][:, 0].norm(dim=-1).min() > 10 * load_activations(out, hooks[1]).norm(dim=-1).median()
+    assert cache[hooks[1]][:, 0].norm(dim=-1).min() > 50 * load_activations(out, hooks[1]).norm(dim=-1).max()
 
     cli_out = tmp_path / "cli"
     assert main(["cache", "--model", str(smollm2_path), "--layers", "0,29", "--max-tokens", "32",
