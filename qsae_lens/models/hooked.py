@@ -1,0 +1,364 @@
+"""HookedQuantizedLM: TransformerLens hook names on an unmodified Hugging Face model (any precision).
+
+Why this design (measured on SmolLM2-135M nf4, CPU, 2 cores; docs/models.md has the numbers and
+``benchmarks/models_overhead.py`` regenerates them):
+
+* TransformerLens 3.9 ``TransformerBridge.boot_transformers(..., hf_model=<bnb model>)`` +
+  ``enable_compatibility_mode(no_processing=True)`` works on bitsandbytes models (stop_at_layer
+  stops, hooks modify), but it forces eager attention and wraps every submodule (~1,700 hook
+  points on SmolLM2), measured ~2x slower per forward than the raw HF model here.
+* SAELens's ``HookedProxyLM`` hooks HF module names (``model.layers.3``), not TransformerLens
+  names; its ``forward`` has no ``return_type="loss"``, its ``to_tokens`` only supports
+  ``prepend_bos=False``, and stop_at_layer only works together with ``names_filter``.
+* So: a thin :class:`~transformer_lens.hook_points.HookedRootModule` whose ``HookPoint``s are fed by
+  PyTorch forward (pre-)hooks on the HF modules the adapter table names. The HF model runs its own
+  forward (sdpa attention, real bitsandbytes kernels); hooks can replace activations because a
+  forward hook's return value replaces the module output. Everything TransformerLens already does
+  (hook bookkeeping, ``run_with_cache``, ``run_with_hooks``, ``ActivationCache``, the LM loss,
+  BOS handling) is inherited or called, not rewritten. Written by hand: the ~30 lines that route HF
+  module outputs through HookPoints and ``stop_at_layer`` (an exception raised before layer
+  ``stop_at_layer`` runs), because neither route above gives both TL names and HF-speed forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.config import HookedTransformerConfig
+from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens.utilities import USE_DEFAULT_VALUE
+from transformer_lens.utilities.lm_utils import lm_cross_entropy_loss
+from transformer_lens.utilities.tokenize_utils import (
+    get_attention_mask,
+    get_input_with_manually_prepended_bos,
+    get_tokens_with_bos_removed,
+)
+
+from qsae_lens.models.architectures import ArchitectureAdapter, get_submodule
+from qsae_lens.precision import Precision
+
+ReturnType = Literal["logits", "loss", "both"] | None
+
+
+class _StopForward(Exception):
+    """Raised by the stop hook to abandon the HF forward once ``stop_at_layer`` is reached."""
+
+    def __init__(self, residual: Tensor) -> None:
+        super().__init__()
+        self.residual = residual
+
+
+class _BlockHooks(nn.Module):
+    """Holds one decoder layer's hook points so they are named ``blocks.{L}.hook_*``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+
+class _LnFinalHooks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_normalized = HookPoint()
+
+
+def _replace_first(output: Any, hook_point: HookPoint) -> Any:
+    """Route a module output through ``hook_point``; attention modules return ``(out, weights)``."""
+    if isinstance(output, Tensor):
+        return hook_point(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+        return (hook_point(output[0]), *output[1:])
+    raise TypeError(f"Cannot hook a module output of type {type(output).__name__}")
+
+
+def _output_hook(hook_point: HookPoint) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:  # noqa: ARG001
+        return _replace_first(output, hook_point)
+
+    return hook
+
+
+def _input_hook(hook_point: HookPoint) -> Callable[..., Any]:
+    """Pre-hook feeding a layer's ``hidden_states`` input (positional or keyword) through ``hook_point``."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:  # noqa: ARG001
+        if args:
+            return (hook_point(args[0]), *args[1:]), kwargs
+        kwargs["hidden_states"] = hook_point(kwargs["hidden_states"])
+        return args, kwargs
+
+    return hook
+
+
+def _stop_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:  # noqa: ARG001
+    raise _StopForward(args[0] if args else kwargs["hidden_states"])
+
+
+class HookedQuantizedLM(HookedRootModule):
+    """A Hugging Face causal LM (float or bitsandbytes-quantized) with TransformerLens hook names.
+
+    Hook points: ``hook_embed``, ``blocks.{L}.hook_resid_pre``, ``blocks.{L}.hook_attn_out``,
+    ``blocks.{L}.hook_mlp_out``, ``blocks.{L}.hook_resid_post``, ``ln_final.hook_normalized``
+    (all ``Tensor[batch, pos, d_model]``). Drop-in for SAELens's ``ActivationsStore``,
+    ``LanguageModelSAETrainingRunner(override_model=...)`` and ``run_evals``.
+    Build one with :func:`qsae_lens.models.load_model`.
+    """
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer: Any,
+        adapter: ArchitectureAdapter,
+        *,
+        precision: Precision,
+        precision_metadata: dict[str, Any],
+        model_name: str,
+        source_folder: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = hf_model  # named `model` because SAELens looks up `model.model.get_input_embeddings()`
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.precision = precision
+        self.precision_metadata = precision_metadata
+        self.source_folder = None if source_folder is None else str(source_folder)
+        if tokenizer.pad_token is None:  # as TransformerLens does for GPT-2-style tokenizers
+            tokenizer.pad_token = tokenizer.eos_token
+
+        self._layers: nn.ModuleList = get_submodule(hf_model, adapter.layers)  # type: ignore[assignment]
+        self._final_norm = get_submodule(hf_model, adapter.final_norm)
+        self._base = get_submodule(hf_model, adapter.base)
+        self.cfg = self._make_cfg(hf_model.config, model_name)
+
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(_BlockHooks() for _ in range(len(self._layers)))
+        self.ln_final = _LnFinalHooks()
+        self._hf_handles = self._attach_hf_hooks()
+        self.setup()
+
+    # ------------------------------------------------------------------ construction
+    def _make_cfg(self, config: Any, model_name: str) -> HookedTransformerConfig:
+        """A genuine TransformerLens config, so code reading ``model.cfg.*`` finds TL's fields."""
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        device = next(self.model.parameters()).device
+        bos_id = self.tokenizer.bos_token_id
+        probe = self.tokenizer("a")["input_ids"]
+        prepends_bos = bool(bos_id is not None and probe and probe[0] == bos_id)
+        n_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        return HookedTransformerConfig(
+            n_layers=len(self._layers),
+            d_model=config.hidden_size,
+            n_ctx=int(n_ctx),
+            d_head=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            n_heads=config.num_attention_heads,
+            d_mlp=self.adapter.d_mlp(config),
+            d_vocab=config.vocab_size,
+            act_fn=self.adapter.act_fn(config),
+            normalization_type=self.adapter.normalization_type,
+            model_name=model_name,
+            original_architecture=(getattr(config, "architectures", None) or [type(self.model).__name__])[0],
+            device=device,
+            dtype=self.precision.compute_dtype(device, _dtype_or_none(self.precision_metadata)),
+            default_prepend_bos=bos_id is not None,
+            tokenizer_prepends_bos=prepends_bos,
+            init_weights=False,
+        )
+
+    def _attach_hf_hooks(self) -> list[Any]:
+        ad, handles = self.adapter, []
+        embed = get_submodule(self.model, ad.embed)
+        handles.append(embed.register_forward_hook(_output_hook(self.hook_embed)))
+        for layer, hooks in zip(self._layers, self.blocks):
+            handles.append(layer.register_forward_pre_hook(_input_hook(hooks.hook_resid_pre), with_kwargs=True))
+            handles.append(get_submodule(layer, ad.attn_out).register_forward_hook(_output_hook(hooks.hook_attn_out)))
+            handles.append(get_submodule(layer, ad.mlp_out).register_forward_hook(_output_hook(hooks.hook_mlp_out)))
+            handles.append(layer.register_forward_hook(_output_hook(hooks.hook_resid_post)))
+        handles.append(self._final_norm.register_forward_hook(self._final_norm_hook))
+        return handles
+
+    def _final_norm_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        """TransformerLens's ``ln_final.hook_normalized`` is the norm's input normalized *before* the gain,
+        which no HF module outputs: recompute it from the input only when a hook is attached (cheap:
+        one norm), then re-apply the gain so a modifying hook changes the logits."""
+        hook_point = self.ln_final.hook_normalized
+        if not hook_point._forward_hooks:
+            return output
+        normalized = self.adapter.normalize(module, args[0])
+        return self.adapter.apply_gain(module, hook_point(normalized)).to(output.dtype)
+
+    def setup(self) -> None:
+        """Index only our HookPoints (TL's version would also stamp ``.name`` onto every HF module)."""
+        self.hook_dict = {name: m for name, m in self.named_modules() if isinstance(m, HookPoint)}
+        for name, hp in self.hook_dict.items():
+            hp.name = name
+        self.mod_dict = dict(self.hook_dict)
+
+    # ------------------------------------------------------------------ hook names
+    def hook_names(self) -> list[str]:
+        """All hook point names, in forward order of first use per layer."""
+        return list(self.hook_dict)
+
+    def _check_hook_name(self, name: str) -> None:
+        if name not in self.hook_dict:
+            valid = ", ".join(
+                ["hook_embed", "blocks.{L}.hook_resid_pre", "blocks.{L}.hook_attn_out",
+                 "blocks.{L}.hook_mlp_out", "blocks.{L}.hook_resid_post", "ln_final.hook_normalized"]
+            )
+            raise KeyError(
+                f"Unknown hook name {name!r}. Valid hook names: {valid} with L in 0..{self.cfg.n_layers - 1} "
+                "(see model.hook_names())."
+            )
+
+    def add_hook(self, name: Any, hook: Any, dir: Literal["fwd", "bwd"] = "fwd", **kwargs: Any) -> None:  # type: ignore[override]
+        if isinstance(name, str):
+            self._check_hook_name(name)
+        super().add_hook(name, hook, dir=dir, **kwargs)
+
+    def run_with_cache(self, *model_args: Any, names_filter: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """TransformerLens ``run_with_cache``; a names_filter naming a missing hook is an error, not an empty cache."""
+        names = [names_filter] if isinstance(names_filter, str) else names_filter
+        if isinstance(names, Sequence):
+            for name in names:
+                self._check_hook_name(name)
+        return super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def W_E(self) -> Tensor:
+        """Token embedding matrix, ``Tensor[d_vocab, d_model]`` (never quantized by bitsandbytes)."""
+        return get_submodule(self.model, self.adapter.embed).weight  # type: ignore[return-value]
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The wrapped Hugging Face model (its bitsandbytes modules, if quantized, are intact)."""
+        return self.model
+
+    # ------------------------------------------------------------------ tokenization
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = USE_DEFAULT_VALUE,
+        padding_side: Literal["left", "right"] | None = USE_DEFAULT_VALUE,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Tensor:
+        """Text -> ``Tensor[batch, pos]`` of token ids, with TransformerLens's BOS semantics."""
+        if prepend_bos is None:  # USE_DEFAULT_VALUE is None
+            prepend_bos = self.cfg.default_prepend_bos
+        if padding_side is None:
+            padding_side = self.tokenizer.padding_side
+        if prepend_bos and not self.cfg.tokenizer_prepends_bos:
+            input = get_input_with_manually_prepended_bos(self.tokenizer.bos_token, input)
+        tokens = self.tokenizer(
+            input,
+            return_tensors="pt",
+            padding=True,
+            truncation=truncate,
+            max_length=self.cfg.n_ctx if truncate else None,
+            padding_side=padding_side,
+        )["input_ids"]
+        if not prepend_bos and self.cfg.tokenizer_prepends_bos:
+            tokens = get_tokens_with_bos_removed(self.tokenizer, tokens)
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def to_string(self, tokens: Tensor | Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
+        """Token ids -> text (a list for a batch)."""
+        if isinstance(tokens, Tensor):
+            tokens = tokens.tolist()
+        if tokens and isinstance(tokens[0], list | tuple):
+            return self.tokenizer.batch_decode(tokens, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
+
+    def to_str_tokens(self, input: str | Tensor, prepend_bos: bool | None = USE_DEFAULT_VALUE) -> list[str]:
+        tokens = self.to_tokens(input, prepend_bos=prepend_bos)[0] if isinstance(input, str) else input
+        return [self.tokenizer.decode([t]) for t in tokens.reshape(-1).tolist()]
+
+    # ------------------------------------------------------------------ forward
+    def forward(  # type: ignore[override]
+        self,
+        input: str | list[str] | Tensor,
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = USE_DEFAULT_VALUE,
+        padding_side: Literal["left", "right"] | None = USE_DEFAULT_VALUE,
+        start_at_layer: int | None = None,
+        tokens: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        stop_at_layer: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """TransformerLens ``HookedTransformer.forward`` semantics over the HF forward.
+
+        ``input``: text or ``Tensor[batch, pos]`` ids. ``return_type``: "logits" ->
+        ``Tensor[batch, pos, d_vocab]``; "loss" -> mean next-token CE (``Tensor[batch, pos-1]`` with
+        ``loss_per_token``); "both" -> ``(logits, loss)``; None -> nothing (logits not computed).
+        ``stop_at_layer=k`` runs blocks ``0..k-1`` only and returns the residual stream entering block
+        ``k``, ``Tensor[batch, pos, d_model]`` (negative ``k`` counts from the end, as in TL).
+        """
+        if start_at_layer is not None or tokens is not None:
+            raise NotImplementedError("start_at_layer / tokens= are not supported: the HF forward starts at the embedding.")
+        for key in ("shortformer_pos_embed", "past_kv_cache"):
+            if kwargs.pop(key, None) is not None:
+                raise NotImplementedError(f"{key} is not supported by HookedQuantizedLM.")
+        if kwargs:
+            raise TypeError(f"Unexpected forward() arguments: {sorted(kwargs)}")
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        if isinstance(input, str | list):
+            tokens_ = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            if attention_mask is None and self.tokenizer.pad_token_id is not None:
+                pb = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+                attention_mask = get_attention_mask(self.tokenizer, tokens_, pb)
+        else:
+            tokens_ = input
+        device = self.W_E.device
+        tokens_ = tokens_.to(device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+
+        if stop_at_layer is not None:
+            return self._forward_until(tokens_, attention_mask, stop_at_layer)
+
+        if return_type is None:
+            self._base(input_ids=tokens_, attention_mask=attention_mask, use_cache=False)
+            return None
+        logits = self.model(input_ids=tokens_, attention_mask=attention_mask, use_cache=False).logits
+        if return_type == "logits":
+            return logits
+        loss = lm_cross_entropy_loss(logits.float(), tokens_, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _forward_until(self, tokens: Tensor, attention_mask: Tensor | None, stop_at_layer: int) -> Tensor:
+        n = self.cfg.n_layers
+        k = n + stop_at_layer if stop_at_layer < 0 else stop_at_layer
+        if not 0 <= k <= n:
+            raise ValueError(f"stop_at_layer={stop_at_layer} is out of range for a {n}-layer model.")
+        # Registered after the resid_pre hook, so it runs after it and sees the (possibly modified) input;
+        # block k (or the final norm) never executes.
+        target = self._layers[k] if k < n else self._final_norm
+        handle = target.register_forward_pre_hook(_stop_hook, with_kwargs=True)
+        try:
+            self._base(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
+        except _StopForward as stop:
+            return stop.residual
+        finally:
+            handle.remove()
+        raise RuntimeError("stop_at_layer hook never fired: the adapter's layer path does not match the model.")
+
+    def __repr__(self) -> str:
+        return (
+            f"HookedQuantizedLM({self.cfg.model_name!r}, precision={self.precision.name}, "
+            f"n_layers={self.cfg.n_layers}, d_model={self.cfg.d_model}, device={self.cfg.device})"
+        )
+
+
+def _dtype_or_none(metadata: dict[str, Any]) -> torch.dtype | None:
+    name = metadata.get("compute_dtype")
+    return getattr(torch, name) if isinstance(name, str) else None
