@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import netrc
 import os
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -122,7 +121,7 @@ def project_out_parallel(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor
 # hook on W_dec (it runs when backward produces W_dec's gradient, before clipping and the step), and
 # the renormalisation is a global optimizer post-step hook that acts only on parameters flagged
 # here. Both work unchanged under SAETrainer, MultiSAETrainer or a hand-written loop.
-_UNIT_NORM_PARAMS: weakref.WeakSet[torch.nn.Parameter] = weakref.WeakSet()
+_UNIT_NORM_FLAG = "_qsae_unit_norm_rows"
 _STEP_HOOK_HANDLE: Any = None
 
 
@@ -133,11 +132,9 @@ def renormalize_rows_(weight: torch.Tensor) -> None:
 
 
 def _renormalize_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    if not _UNIT_NORM_PARAMS:
-        return
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if param in _UNIT_NORM_PARAMS:
+            if getattr(param, _UNIT_NORM_FLAG, False):
                 renormalize_rows_(param.data)
 
 
@@ -155,9 +152,11 @@ def keep_rows_unit_norm(weight: torch.nn.Parameter, *, renormalize_now: bool = T
         _STEP_HOOK_HANDLE = register_optimizer_step_post_hook(_renormalize_after_step)
     if renormalize_now and weight.device.type != "meta":
         renormalize_rows_(weight.data)
-    if weight in _UNIT_NORM_PARAMS:
+    if getattr(weight, _UNIT_NORM_FLAG, False):
         return
-    _UNIT_NORM_PARAMS.add(weight)
+    # The flag lives on the Parameter object, so a replaced Parameter (load with assign=True)
+    # is simply unflagged until this is called again.
+    setattr(weight, _UNIT_NORM_FLAG, True)
     if weight.requires_grad:
         weight.register_hook(lambda grad: project_out_parallel(grad, weight.detach()))
 

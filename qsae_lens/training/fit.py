@@ -107,7 +107,9 @@ def train_sae_on_activations(
     folder and renamed, so an interrupted run leaves no half-written checkpoint.
     """
     if activations.shape[-1] != sae_cfg.d_in:
-        raise ValueError(f"activations have d={activations.shape[-1]} but the SAE expects d_in={sae_cfg.d_in}.")
+        raise ValueError(
+            f"activations have d={activations.shape[-1]} but the SAE expects d_in={sae_cfg.d_in}."
+        )
     if total_tokens < batch_size:
         raise ValueError(
             f"total_tokens={total_tokens} is smaller than one batch ({batch_size}): the budget is too small to train."
