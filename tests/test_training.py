@@ -172,6 +172,19 @@ def test_decoder_gradient_hook_removes_the_parallel_component():
     assert ((raw * w).sum(-1).abs() / raw.norm(dim=-1)).max() > 1e-2  # there was a parallel part
     torch.testing.assert_close(g, raw - (raw * w).sum(-1, keepdim=True) * w, rtol=1e-4, atol=1e-4)
 
+    # a deep copy (tensor hooks are not copied) gets its hooks back at its first training step
+    import copy
+
+    from sae_lens.saes.sae import TrainStepInput
+
+    clone = copy.deepcopy(sae)
+    step = TrainStepInput(
+        sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False
+    )
+    clone.training_forward_pass(step).loss.backward()
+    gc, wc = clone.W_dec.grad.double(), clone.W_dec.detach().double()
+    assert ((gc * wc).sum(-1).abs() / gc.norm(dim=-1)).max() < 1e-5
+
 
 def test_init_seed_fixes_weights_and_is_recorded():
     from qsae_lens.training import OpenAITopKTrainingSAE, OpenAITopKTrainingSAEConfig

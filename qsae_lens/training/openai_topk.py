@@ -179,13 +179,6 @@ class OpenAITopKTrainingSAE(TopKTrainingSAE):
         self.b_dec = nn.Parameter(torch.zeros(self.cfg.d_in, dtype=self.dtype, device=self.device))
         self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
 
-    @override
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        # assign=True (SAELens's load_from_disk) replaces the W_dec Parameter: re-attach the hooks.
-        keep_rows_unit_norm(self.W_dec, renormalize_now=False)
-        return result
-
     @torch.no_grad()
     def initialize_b_dec(self, activations: torch.Tensor) -> None:
         """Set b_dec from a sample Tensor[n, d_in] of activations with ``cfg.b_dec_init``."""
@@ -224,6 +217,9 @@ class OpenAITopKTrainingSAE(TopKTrainingSAE):
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         sae_in = step_input.sae_in
+        # Cheap flag check; re-attaches the unit-norm hooks when W_dec is a new Parameter
+        # (SAELens's load_from_disk assigns loaded tensors, copy.deepcopy drops tensor hooks).
+        keep_rows_unit_norm(self.W_dec, renormalize_now=False)
         if not bool(self.b_dec_initialized):
             self.initialize_b_dec(sae_in)
 
