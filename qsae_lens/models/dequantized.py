@@ -20,6 +20,7 @@ How it differs from running the bitsandbytes kernels (:class:`HookedQuantizedLM`
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -36,7 +37,10 @@ def dequantize_linear_weight(module: nn.Module, dtype: torch.dtype = torch.float
 
     if isinstance(module, bnb.nn.Linear4bit):
         w = module.weight
-        return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        state = w.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            return _dequantize_cpu_packed_4bit(w.data, state).to(dtype)
+        return bnbf.dequantize_4bit(w.data, state).to(dtype)
     if isinstance(module, bnb.nn.Linear8bitLt):
         w = module.weight
         scb = getattr(w, "SCB", None)
@@ -44,6 +48,32 @@ def dequantize_linear_weight(module: nn.Module, dtype: torch.dtype = torch.float
             return w.data.to(dtype)
         return bnbf.int8_vectorwise_dequant(w.data, scb).to(dtype)
     return None
+
+
+def _dequantize_cpu_packed_4bit(packed: torch.Tensor, state: Any) -> torch.Tensor:
+    """Dequantize a Linear4bit weight after bitsandbytes' CPU fast path repacked it.
+
+    On CPUs with AVX512-BF16, the first no-grad eval forward of a ``Linear4bit`` permanently repacks
+    its codes into an ``[N, K/2]`` tile layout and stores the block scales (absmax) transposed as
+    ``Tensor[K/blocksize, N]`` in **bfloat16**; the fused kernel then multiplies bf16 activations.
+    ``dequantize_4bit`` does not understand that layout, and bitsandbytes' own inverse restores the
+    codes but not the absmax order for non-nested states, so we undo both by hand. The result is
+    exactly the weights the fused kernel uses (codes x bf16-rounded absmax).
+    """
+    import bitsandbytes.functional as bnbf
+
+    # bitsandbytes' inverse unpacks the codes; it mutates the state it is given, so hand it a copy.
+    codes, _ = bnbf._convert_weight_packed_for_cpu_inverse(packed, copy.copy(state))
+    absmax = state.absmax.T.reshape(-1).float()  # [K/bs, N] -> original block order [N*K/bs]
+    plain = bnbf.QuantState(
+        absmax=absmax,
+        shape=state.shape,
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=torch.float32,
+    )
+    return bnbf.dequantize_4bit(codes, plain)
 
 
 def dequantized_float_model(hf_model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -221,6 +221,10 @@ class HookedQuantizedLM(HookedRootModule):
             self._check_hook_name(name)
         super().add_hook(name, hook, dir=dir, **kwargs)
 
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: Literal["fwd", "bwd"]) -> None:
+        self._check_hook_name(name)  # run_with_hooks / hooks() land here
+        super()._enable_hook_with_name(name, hook, dir)
+
     def run_with_cache(self, *model_args: Any, names_filter: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """TransformerLens ``run_with_cache``; a names_filter naming a missing hook is an error, not an empty cache."""
         names = [names_filter] if isinstance(names_filter, str) else names_filter
