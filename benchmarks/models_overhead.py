@@ -1,0 +1,97 @@
+"""Cost of HookedQuantizedLM over the raw Hugging Face forward, and of the routes it was chosen over.
+
+Reference, measured in the same run and interleaved: ``hf_model(input_ids)`` on the same tokens.
+Prints median seconds and the ratio to that reference for: the wrapper's forward (no hooks), its
+``run_with_cache`` of one hook, ``stop_at_layer`` (what SAELens calls), TransformerLens 3.9's
+``TransformerBridge`` (compatibility mode, no processing) and SAELens's ``HookedProxyLM``.
+
+    python benchmarks/models_overhead.py [--precision nf4] [--batch 4] [--context 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from qsae_lens.assets import default_model_path
+from qsae_lens.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="nf4")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layer", type=int, default=5, help="hook layer for the stop_at_layer case")
+    parser.add_argument("--no-bridge", action="store_true", help="skip TransformerBridge / HookedProxyLM")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    warnings.filterwarnings("ignore")
+
+    path = default_model_path()
+    model = load_model(path, args.precision, "cpu")
+    hf = model.hf_model
+    tokens = torch.randint(3, model.cfg.d_vocab, (args.batch, args.context))
+    hook = f"blocks.{args.layer}.hook_resid_post"
+
+    cases: dict[str, Callable[[], object]] = {
+        "raw HF forward (reference)": lambda: hf(tokens, use_cache=False),
+        "HookedQuantizedLM forward": lambda: model(tokens),
+        "HookedQuantizedLM run_with_cache (1 hook)": lambda: model.run_with_cache(tokens, names_filter=[hook]),
+        f"HookedQuantizedLM run_with_cache stop_at_layer={args.layer + 1}": lambda: model.run_with_cache(
+            tokens, names_filter=[hook], stop_at_layer=args.layer + 1
+        ),
+    }
+    boot: dict[str, float] = {}
+    if not args.no_bridge:
+        from sae_lens.load_model import HookedProxyLM
+        from transformer_lens.model_bridge import TransformerBridge
+
+        t0 = time.perf_counter()
+        bridge = TransformerBridge.boot_transformers(str(path), hf_model=hf, tokenizer=model.tokenizer, device="cpu")
+        bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
+        boot["TransformerBridge"] = time.perf_counter() - t0
+        cases["TransformerBridge forward"] = lambda: bridge(tokens)
+        cases[f"TransformerBridge run_with_cache stop_at_layer={args.layer + 1}"] = lambda: bridge.run_with_cache(
+            tokens, names_filter=[hook], stop_at_layer=args.layer + 1
+        )
+        t0 = time.perf_counter()
+        # HookedProxyLM hooks HF module names; it adds permanent hooks to every submodule of `hf`,
+        # so it runs last (its hooks stay on the shared HF model).
+        proxy = HookedProxyLM(hf, model.tokenizer)
+        boot["HookedProxyLM"] = time.perf_counter() - t0
+        name = f"model.layers.{args.layer}"
+        cases["HookedProxyLM forward (hooks on every module)"] = lambda: proxy(tokens)
+        cases[f"HookedProxyLM run_with_cache stop_at_layer={args.layer + 1}"] = lambda: proxy.run_with_cache(
+            tokens, names_filter=[name], stop_at_layer=args.layer + 1
+        )
+
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with torch.no_grad():
+        for fn in cases.values():  # warm-up (bitsandbytes repacks 4-bit weights on the first CPU call)
+            fn()
+        for _ in range(args.repeats):  # interleaved, so machine load hits every case alike
+            for name, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+
+    ref = statistics.median(times["raw HF forward (reference)"])
+    print(f"SmolLM2-135M {args.precision}, CPU x{torch.get_num_threads()}, tokens {args.batch}x{args.context}, "
+          f"median of {args.repeats}")
+    print("| case | median s | ratio to raw HF |\n|---|---:|---:|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.3f} | {med / ref:.2f} |")
+    for name, seconds in boot.items():
+        print(f"boot {name}: {seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
