@@ -20,6 +20,8 @@ import torch
 
 from qsae_lens.assets import default_model_path
 from qsae_lens.models import load_model
+from qsae_lens.models.loading import load_hf_model
+from qsae_lens.precision import parse_precision
 
 
 def main() -> None:
@@ -36,7 +38,10 @@ def main() -> None:
 
     path = default_model_path()
     model = load_model(path, args.precision, "cpu")
-    hf = model.hf_model
+    # every route gets its own copy of the HF model: the wrapper's hooks stay on its copy, and the
+    # bridge switches its copy to eager attention
+    prec = parse_precision(args.precision)
+    hf = load_hf_model(path, prec, "cpu", None)
     tokens = torch.randint(3, model.cfg.d_vocab, (args.batch, args.context))
     hook = f"blocks.{args.layer}.hook_resid_post"
 
@@ -54,7 +59,8 @@ def main() -> None:
         from transformer_lens.model_bridge import TransformerBridge
 
         t0 = time.perf_counter()
-        bridge = TransformerBridge.boot_transformers(str(path), hf_model=hf, tokenizer=model.tokenizer, device="cpu")
+        bridge = TransformerBridge.boot_transformers(
+            str(path), hf_model=load_hf_model(path, prec, "cpu", None), tokenizer=model.tokenizer, device="cpu")
         bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
         boot["TransformerBridge"] = time.perf_counter() - t0
         cases["TransformerBridge forward"] = lambda: bridge(tokens)
@@ -62,14 +68,13 @@ def main() -> None:
             tokens, names_filter=[hook], stop_at_layer=args.layer + 1
         )
         t0 = time.perf_counter()
-        # HookedProxyLM hooks HF module names; it adds permanent hooks to every submodule of `hf`,
-        # so it runs last (its hooks stay on the shared HF model).
-        proxy = HookedProxyLM(hf, model.tokenizer)
+        # HookedProxyLM hooks HF module names, with a permanent hook on every submodule
+        proxy = HookedProxyLM(load_hf_model(path, prec, "cpu", None), model.tokenizer)
         boot["HookedProxyLM"] = time.perf_counter() - t0
-        name = f"model.layers.{args.layer}"
+        proxy_hook = f"model.layers.{args.layer}"
         cases["HookedProxyLM forward (hooks on every module)"] = lambda: proxy(tokens)
         cases[f"HookedProxyLM run_with_cache stop_at_layer={args.layer + 1}"] = lambda: proxy.run_with_cache(
-            tokens, names_filter=[name], stop_at_layer=args.layer + 1
+            tokens, names_filter=[proxy_hook], stop_at_layer=args.layer + 1
         )
 
     times: dict[str, list[float]] = {name: [] for name in cases}
