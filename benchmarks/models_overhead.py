@@ -24,6 +24,38 @@ from qsae_lens.models.loading import load_hf_model
 from qsae_lens.precision import parse_precision
 
 
+def time_interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call, ``repeats`` times each, after one warm-up call per case.
+
+    Warm-up first because bitsandbytes repacks 4-bit weights on the first CPU call; the repeats
+    are interleaved (case A, B, C, A, B, C, ...) so that load from other jobs hits every case alike.
+    Runs under ``torch.no_grad()``.
+    """
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with torch.no_grad():
+        for fn in cases.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def print_ratio_table(times: dict[str, list[float]], reference: str, *, ratio_to: dict[str, str] | None = None) -> None:
+    """Markdown table of median seconds per case and its ratio to ``reference`` (a key of ``times``).
+
+    ``ratio_to`` maps a case to another reference case for its ratio (default: ``reference``).
+    """
+    ratio_to = ratio_to or {}
+    print("| case | median s | ratio | to |\n|---|---:|---:|---|")
+    for name, ts in times.items():
+        ref_name = ratio_to.get(name, reference)
+        med, ref = statistics.median(ts), statistics.median(times[ref_name])
+        print(f"| {name} | {med:.3f} | {med / ref:.2f} | {ref_name} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="nf4")
@@ -77,23 +109,10 @@ def main() -> None:
             tokens, names_filter=[proxy_hook], stop_at_layer=args.layer + 1
         )
 
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    with torch.no_grad():
-        for fn in cases.values():  # warm-up (bitsandbytes repacks 4-bit weights on the first CPU call)
-            fn()
-        for _ in range(args.repeats):  # interleaved, so machine load hits every case alike
-            for name, fn in cases.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-
-    ref = statistics.median(times["raw HF forward (reference)"])
+    times = time_interleaved(cases, args.repeats)
     print(f"SmolLM2-135M {args.precision}, CPU x{torch.get_num_threads()}, tokens {args.batch}x{args.context}, "
           f"median of {args.repeats}")
-    print("| case | median s | ratio to raw HF |\n|---|---:|---:|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {med:.3f} | {med / ref:.2f} |")
+    print_ratio_table(times, "raw HF forward (reference)")
     for name, seconds in boot.items():
         print(f"boot {name}: {seconds:.2f} s")
 
