@@ -51,8 +51,8 @@ class SweepConfig:
 
     model: str | None = None
     """HF hub id, local folder or GGUF file; None = the embedded SmolLM2-135M-Instruct."""
-    corpus: str = "stdlib"
-    """"stdlib" (Python source) or "shakespeare"."""
+    corpus: str | Sequence[str] = "stdlib"
+    """"stdlib" (Python source), "shakespeare", or a list of documents (strings)."""
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS
     baseline: str | None = None
     """Precision the others are compared with; default: the first of ``precisions``."""
@@ -157,6 +157,13 @@ def _validate(cfg: SweepConfig, device: str) -> list[Precision]:
         raise ValueError(f"baseline {cfg.resolved_baseline()!r} is not among the precisions {names}")
     for p in precisions:
         check_precision_runs_on(p, device)
+    if isinstance(cfg.corpus, str):
+        from qsae_lens.corpus import CORPORA
+
+        if cfg.corpus not in CORPORA:
+            raise ValueError(f"Unknown corpus {cfg.corpus!r}: choose one of {list(CORPORA)} or pass a list of strings.")
+    elif not any(isinstance(t, str) and t.strip() for t in cfg.corpus):
+        raise ValueError("The corpus is empty: it holds no non-blank text. Pass at least one non-empty document.")
     if cfg.ceiling_seed in cfg.seeds:
         raise ValueError(f"ceiling_seed={cfg.ceiling_seed} must differ from the trained seeds {cfg.seeds}")
     if cfg.train_tokens < 4 * cfg.batch_size:
@@ -173,6 +180,11 @@ def _validate(cfg: SweepConfig, device: str) -> list[Precision]:
         raise ValueError(f"k={cfg.k} must be smaller than d_sae={cfg.d_sae}")
     if cfg.eval_windows < 1:
         raise ValueError("eval_windows must be >= 1")
+    # last: importing the registry imports sae_lens (~14 s), and the checks above should answer fast
+    from qsae_lens.training import ARCHITECTURES
+
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {cfg.architecture!r}; registered: {sorted(ARCHITECTURES)}")
     return precisions
 
 
@@ -257,9 +269,10 @@ def run_precision_sweep(
 
     from qsae_lens.corpus import corpus_texts, tokenize_corpus_splits
 
-    texts = corpus_texts(cfg.corpus)
+    texts = corpus_texts(cfg.corpus) if isinstance(cfg.corpus, str) else [t for t in cfg.corpus if t.strip()]
+    corpus_label = cfg.corpus if isinstance(cfg.corpus, str) else f"(list of {len(texts)} documents)"
     if not texts:
-        raise ValueError(f"Corpus {cfg.corpus!r} is empty: nothing to train on.")
+        raise ValueError(f"Corpus {corpus_label!r} is empty: nothing to train on.")
     tok_path = Path(model_path)
     tokenizer = (
         AutoTokenizer.from_pretrained(tok_path.parent, gguf_file=tok_path.name)
@@ -276,11 +289,12 @@ def run_precision_sweep(
         seed=cfg.seed,
     )
     if len(splits["train"]) == 0 or len(splits["test"]) == 0:
-        raise ValueError(f"Corpus {cfg.corpus!r} produced no train or held-out windows at context {cfg.context_size}.")
+        raise ValueError(f"Corpus {corpus_label!r} produced no train or held-out windows at context {cfg.context_size}.")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "sweep_config.json", {**dataclasses.asdict(cfg), "model_path": model_path, "layers_resolved": layers})
+    _write_json(out / "sweep_config.json", {**dataclasses.asdict(cfg), "corpus": corpus_label, "model_path": model_path,
+                                            "layers_resolved": layers})
     _log(f"model {model_path} ({n_layers} layers), layers {layers}, precisions {[p.name for p in precisions]}")
 
     # 3. models and activation caches -------------------------------------------------------
@@ -318,17 +332,19 @@ def run_precision_sweep(
         cells += [(p.name, layer, s) for layer in layers for s in seeds]
     t0 = time.time()
     train_stats: dict[str, Any] = {}
+    retrained: set[Path] = set()  # cells trained in this run: results computed from their old weights are stale
     for p_name, layer, seed in cells:
         folder = _cell_dir(out, p_name, layer, seed)
         hook = _hook_name(layer, cfg.hook)
         label = f"{p_name}/L{layer}/s{seed}"
         if (folder / "cfg.json").exists():
             _log(f"{label}: already trained, skipping")
-            train_stats[label] = json.loads((folder / "train_stats.json").read_text())
+            stats_path = folder / "train_stats.json"  # absent if interrupted between the save and this file
+            train_stats[label] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
             continue
         acts = load_activations(cache_dirs[(p_name, "train")], hook)
         metadata = {**model_meta[p_name], "hook_name": hook, "model_name": model_path, "init_seed": seed,
-                    "dataset_path": f"qsae_lens corpus:{cfg.corpus}", "context_size": cfg.context_size,
+                    "dataset_path": f"qsae_lens corpus:{corpus_label}", "context_size": cfg.context_size,
                     "exclude_special_tokens": True}
         _log(f"{label}: training {cfg.architecture} d_sae={cfg.d_sae} k={cfg.k} on {acts.shape[0]} cached vectors "
              f"for {cfg.training_samples} samples")
@@ -349,6 +365,7 @@ def run_precision_sweep(
                  "dead_fraction_train": result.dead_fraction}
         _write_json(folder / "train_stats.json", stats)
         train_stats[label] = stats
+        retrained.add(folder)
         del acts, result
         gc.collect()
     timings["train_s"] = time.time() - t0
@@ -367,7 +384,7 @@ def run_precision_sweep(
     transfer_path = out / "transfer.json"
     transfer_key = sorted(saes)
     transfer: dict[str, Any] | None = None
-    if transfer_path.exists():
+    if transfer_path.exists() and not retrained:
         transfer = json.loads(transfer_path.read_text())
         if transfer.get("saes") != transfer_key:
             transfer = None
@@ -393,12 +410,12 @@ def run_precision_sweep(
     saelens_evals: dict[str, Any] = {}
     if cfg.saelens_evals:
         t0 = time.time()
-        saelens_evals = _saelens_diagonal_evals(out, models, saes, splits["test"], cfg, progress)
+        saelens_evals = _saelens_diagonal_evals(out, models, saes, splits["test"], cfg, progress, reuse=not retrained)
         timings["saelens_run_evals_s"] = time.time() - t0
 
     # 6. comparisons ----------------------------------------------------------------------
     t0 = time.time()
-    comparisons = _run_comparisons(out, cfg, precisions, layers, cache_dirs, device, progress)
+    comparisons = _run_comparisons(out, cfg, precisions, layers, cache_dirs, device, progress, stale=retrained)
     timings["compare_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
 
@@ -406,8 +423,8 @@ def run_precision_sweep(
     from qsae_lens.sweep_report import build_sweep_report, write_sweep_report
 
     report = build_sweep_report(
-        config={**dataclasses.asdict(cfg), "model_path": model_path, "n_layers": n_layers, "layers_resolved": layers,
-                "device": device, "baseline": baseline},
+        config={**dataclasses.asdict(cfg), "corpus": corpus_label, "model_path": model_path, "n_layers": n_layers,
+                "layers_resolved": layers, "device": device, "baseline": baseline},
         model_metadata=model_meta,
         transfer=transfer,
         saelens_evals=saelens_evals,
@@ -422,14 +439,14 @@ def run_precision_sweep(
 
 
 def _saelens_diagonal_evals(out: Path, models: dict[str, Any], saes: dict[str, Any], eval_ds: Any,
-                            cfg: SweepConfig, progress: bool) -> dict[str, Any]:
+                            cfg: SweepConfig, progress: bool, reuse: bool = True) -> dict[str, Any]:
     """SAELens's own run_evals for each SAE on its own precision's model (numbers comparable with SAELens work).
 
     CE/KL there are relative to zero ablation and drawn from other batches than the variance
     metrics; the transfer matrix (evals.py) is the like-for-like comparison.
     """
     path = out / "saelens_run_evals.json"
-    if path.exists():
+    if path.exists() and reuse:
         cached = json.loads(path.read_text())
         if sorted(cached) == sorted(saes):
             return cached
@@ -524,7 +541,8 @@ def _comparison_jobs(out: Path, cfg: SweepConfig, precisions: list[Precision], l
 
 
 def _run_comparisons(out: Path, cfg: SweepConfig, precisions: list[Precision], layers: list[int],
-                     cache_dirs: dict[tuple[str, str], Path], device: str, progress: bool) -> list[dict[str, Any]]:
+                     cache_dirs: dict[tuple[str, str], Path], device: str, progress: bool,
+                     stale: set[Path] = frozenset()) -> list[dict[str, Any]]:
     """compare_saes for every pair the report needs; each report saved under ``compare/<name>/``.
 
     Activation metrics use the held-out activations of the same tokens at the two SAEs' precisions.
@@ -537,7 +555,7 @@ def _run_comparisons(out: Path, cfg: SweepConfig, precisions: list[Precision], l
         for job in _comparison_jobs(out, cfg, precisions, layer):
             name = f"L{layer}_{job['kind']}_{job['a']}_vs_{job['b']}"
             folder = out / "compare" / name
-            if (folder / "report.json").exists():
+            if (folder / "report.json").exists() and not ({job["a_dir"], job["b_dir"]} & stale):
                 report = ComparisonReport.from_json(folder / "report.json")
             else:
                 _log(f"comparing {name}")
