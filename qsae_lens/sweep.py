@@ -345,7 +345,9 @@ def run_precision_sweep(
         acts = load_activations(cache_dirs[(p_name, "train")], hook)
         metadata = {**model_meta[p_name], "hook_name": hook, "model_name": model_path, "init_seed": seed,
                     "dataset_path": f"qsae_lens corpus:{corpus_label}", "context_size": cfg.context_size,
-                    "exclude_special_tokens": True}
+                    "exclude_special_tokens": True,
+                    # windows already start with BOS (qsae_lens.corpus), as SAELens expects of tokenized data
+                    "prepend_bos": False}
         _log(f"{label}: training {cfg.architecture} d_sae={cfg.d_sae} k={cfg.k} on {acts.shape[0]} cached vectors "
              f"for {cfg.training_samples} samples")
         t_cell = time.time()
@@ -465,9 +467,11 @@ def _saelens_diagonal_evals(out: Path, models: dict[str, Any], saes: dict[str, A
     for label, sae in saes.items():
         precision = label.split("/")[0]
         model = models[precision]
+        if sae.cfg.metadata.prepend_bos is None:
+            sae.cfg.metadata.prepend_bos = False  # windows already start with BOS
         store = ActivationsStore.from_sae(
             model=model, sae=sae, dataset=eval_ds, context_size=cfg.context_size, streaming=False,
-            store_batch_size_prompts=4, n_batches_in_buffer=2, train_batch_size_tokens=4 * cfg.context_size,
+            store_batch_size_prompts=4, n_batches_in_buffer=4, train_batch_size_tokens=4 * cfg.context_size,
             device=str(sae.W_dec.device),
         )
         metrics, _ = run_evals(sae, store, model, ActivationScaler(), eval_cfg, exclude_special_tokens=True)
