@@ -164,5 +164,7 @@ def check_precision_runs_on(precision: Precision, device: str | torch.device) ->
                 f"Precision {precision.name!r} runs through bitsandbytes, which supports CPU and CUDA "
                 f"devices, not {dev.type!r}. Use device='cpu' or 'cuda', or a float precision."
             )
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' was requested but CUDA is not available on this machine.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was requested but CUDA is not available on this machine; use device='cpu'.")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RuntimeError("device='mps' was requested but MPS is not available on this machine; use device='cpu'.")

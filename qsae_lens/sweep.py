@@ -66,13 +66,13 @@ class SweepConfig:
     architecture: str = "openai_topk"
     d_sae: int = 2048
     k: int = 32
-    train_tokens: int = 49_152
+    train_tokens: int = 24_576
     """Distinct tokens whose activations are cached per precision (the LM-forward cost)."""
-    training_samples: int = 1_228_800
+    training_samples: int = 307_200
     """Activation vectors the SAE trains on (epochs = training_samples / cached vectors)."""
-    batch_size: int = 2048
-    lr: float = 1e-3
-    dead_tokens_threshold: int = 200_000
+    batch_size: int = 256
+    lr: float = 2e-3
+    dead_tokens_threshold: int = 50_000
     """Tokens without firing before a latent counts as dead for aux-k (paper: 10M; scaled to the budget)."""
     eval_windows: int = 16
     context_size: int = 128
@@ -232,6 +232,29 @@ def _eval_tokens(dataset: Any) -> torch.Tensor:
     return torch.tensor(dataset["input_ids"], dtype=torch.long)
 
 
+# Settings every cell's result depends on: a resumed sweep must have the same ones. Precisions,
+# layers and seeds may change between runs (cells are keyed by them), so a sweep can be extended.
+_RESUME_KEYS = ("model", "corpus", "hook", "architecture", "d_sae", "k", "train_tokens", "training_samples",
+                "batch_size", "lr", "dead_tokens_threshold", "eval_windows", "context_size", "seed", "ceiling_seed")
+
+
+def _check_resume_compatible(path: Path, cfg: SweepConfig, corpus_label: str, model_path: str) -> None:
+    """Refuse to resume into a folder whose finished cells were made with other settings."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new = {**dataclasses.asdict(cfg), "corpus": corpus_label}
+    changed = [k for k in _RESUME_KEYS if k in old and old[k] != json.loads(json.dumps(new[k]))]
+    if old.get("model_path") not in (None, model_path):
+        changed.append("model_path")
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k, model_path)!r}" for k in changed)
+        raise ValueError(
+            f"{path.parent} holds a sweep made with other settings ({details}). Its results cannot be "
+            "reused: choose another output folder, or delete this one to start again."
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # the pipeline
 
@@ -293,6 +316,7 @@ def run_precision_sweep(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_resume_compatible(out / "sweep_config.json", cfg, corpus_label, model_path)
     _write_json(out / "sweep_config.json", {**dataclasses.asdict(cfg), "corpus": corpus_label, "model_path": model_path,
                                             "layers_resolved": layers})
     _log(f"model {model_path} ({n_layers} layers), layers {layers}, precisions {[p.name for p in precisions]}")
@@ -586,8 +610,8 @@ def _parse_layers_arg(text: str | None) -> tuple[int, ...] | str | None:
         return "probe"
     try:
         return tuple(int(x) for x in text.split(","))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--layers takes 'middle', 'probe' or comma-separated ints, got {text!r}") from exc
+    except ValueError:
+        raise SystemExit(f"qsae sweep: --layers takes 'middle', 'probe' or comma-separated ints, got {text!r}") from None
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:

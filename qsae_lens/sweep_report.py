@@ -59,7 +59,9 @@ def _summarise_layer(layer: int, comparisons: list[dict[str, Any]], baseline: st
     separation = None
     if ceiling and floor and _value(ceiling) is not None and _value(floor) is not None:
         separation = _value(ceiling) - _value(floor)
-        clear = (ceiling.get("ci_low") or _value(ceiling)) > (floor.get("ci_high") or _value(floor)) and separation > 0.05
+        c_low = ceiling["ci_low"] if ceiling.get("ci_low") is not None else _value(ceiling)
+        f_high = floor["ci_high"] if floor.get("ci_high") is not None else _value(floor)
+        clear = c_low > f_high and separation > 0.05
         if not clear:
             warnings.append(
                 f"layer {layer}: the seed-to-seed ceiling (matched cosine {_value(ceiling):.3f}) does not stand "
@@ -204,7 +206,7 @@ def sweep_markdown(report: dict[str, Any]) -> str:
             cells = []
             for q in precisions:
                 c = _cell(report, sae, q)
-                cells.append("—" if c is None else f"{_f(c['explained_variance'])} / +{_f(c['ce_increase'])}")
+                cells.append("—" if c is None else f"{_f(c['explained_variance'])} / {c['ce_increase']:+.3f}")
             lines.append(f"| **{p}** | " + " | ".join(cells) + " |")
         lines += ["", "### Each SAE on its own precision's model", "",
                   "| SAE | EV | ΔCE | KL | CE recovered vs mean ablation | L0 | dead fraction |", "|---|---|---|---|---|---|---|"]
