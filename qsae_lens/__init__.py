@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "compare_saes": "qsae_lens.compare",
     "ComparisonReport": "qsae_lens.compare",
     "run_precision_sweep": "qsae_lens.sweep",
+    "SweepConfig": "qsae_lens.sweep",
     "publish_saes": "qsae_lens.hub",
     "load_sae": "qsae_lens.hub",
 }
