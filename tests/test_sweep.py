@@ -195,7 +195,7 @@ def test_deleting_one_cell_retrains_only_that_cell(sweep):
     [
         ({"layers": (30,)}, ValueError, r"out of range: this model has layers 0\.\.29"),
         ({"precisions": ("fp32", "int3")}, ValueError, "int3"),
-        ({"precisions": ("fp32", "nf4"), "device": "mps"}, RuntimeError, "not 'mps'"),
+        ({"precisions": ("fp32", "nf4"), "device": "mps"}, RuntimeError, "not 'mps'|MPS is not available"),
         ({"corpus": ["", "   \n"]}, ValueError, "corpus is empty"),
         ({"corpus": []}, ValueError, "corpus is empty"),
         ({"corpus": "wikipedia"}, ValueError, "Unknown corpus 'wikipedia'"),
