@@ -36,6 +36,19 @@ _ALIASES: dict[str, str] = {
 }
 PRECISION_NAMES: tuple[str, ...] = tuple(_FLOAT_DTYPES) + tuple(_QUANT_TYPES)
 
+#: Keys under which qsae_lens records, in an SAE's ``cfg.metadata`` (and in activation caches), how
+#: the model that produced its activations was run. The single definition: training writes them,
+#: compare and hub read them.
+PRECISION_METADATA_KEYS: tuple[str, ...] = (
+    "precision",
+    "quant_type",
+    "compute_dtype",
+    "double_quant",
+    "bitsandbytes_version",
+    "model_source",
+    "weights_sha256",
+)
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 

@@ -253,13 +253,15 @@ def sweep_figures(report: dict[str, Any]) -> dict[str, Any]:
         saes = [f"{p}/L{layer}/s{seed}" for p in precisions]
         ev = [[(_cell(report, s, q) or {}).get("explained_variance") for q in precisions] for s in saes]
         dce = [[(_cell(report, s, q) or {}).get("ce_increase") for q in precisions] for s in saes]
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("explained variance", "CE increase (nats)"))
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("explained variance", "CE increase (nats)"),
+                            horizontal_spacing=0.16)
         fig.add_trace(go.Heatmap(z=ev, x=precisions, y=precisions, colorscale="Viridis", texttemplate="%{z:.3f}",
-                                 colorbar={"x": 0.45}), 1, 1)
+                                 colorbar={"x": 0.43, "thickness": 14}), 1, 1)
         fig.add_trace(go.Heatmap(z=dce, x=precisions, y=precisions, colorscale="Reds", texttemplate="%{z:.3f}"), 1, 2)
         fig.update_layout(title=f"Layer {layer}: SAE trained at row precision, spliced into column precision's model",
                           height=420)
-        fig.update_yaxes(title_text="SAE trained at", autorange="reversed")
+        fig.update_yaxes(autorange="reversed")
+        fig.update_yaxes(title_text="SAE trained at", row=1, col=1)
         fig.update_xaxes(title_text="model precision")
         figs[f"transfer_layer{layer}"] = fig
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from qsae_lens.compare.report import ComparisonReport, MetricResult
+from qsae_lens.precision import PRECISION_METADATA_KEYS
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -32,15 +33,7 @@ ActivationsSpec = Union[tuple[Tensor, Tensor], tuple[Union[str, os.PathLike], Un
 cached activations (``qsae_lens.activations.cache_activations``)."""
 
 # cfg.metadata keys under which qsae_lens records the precision an SAE was trained at (DEVELOPERS.md)
-PRECISION_KEYS = (
-    "precision",
-    "quant_type",
-    "compute_dtype",
-    "double_quant",
-    "bitsandbytes_version",
-    "model_source",
-    "weights_sha256",
-)
+PRECISION_KEYS = PRECISION_METADATA_KEYS
 MATCH_THRESHOLDS = (0.5, 0.7, 0.9)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _SAE_FILES = ("cfg.json", "sae_weights.safetensors")

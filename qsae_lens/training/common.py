@@ -15,21 +15,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from qsae_lens.precision import PRECISION_METADATA_KEYS as _MODEL_PRECISION_KEYS
+
 if TYPE_CHECKING:
     from sae_lens import LoggingConfig
     from sae_lens.saes.sae import SAE, SAEConfig
 
 #: The exact metadata keys DEVELOPERS.md reserves for precision provenance on an SAE.
-PRECISION_METADATA_KEYS: tuple[str, ...] = (
-    "precision",
-    "quant_type",
-    "compute_dtype",
-    "double_quant",
-    "bitsandbytes_version",
-    "model_source",
-    "weights_sha256",
-    "init_seed",
-)
+PRECISION_METADATA_KEYS: tuple[str, ...] = (*_MODEL_PRECISION_KEYS, "init_seed")
 
 BDecInit = Literal["geometric_median", "mean", "zeros"]
 B_DEC_INITS: tuple[str, ...] = ("geometric_median", "mean", "zeros")
