@@ -116,6 +116,7 @@ def evaluate_transfer(
     baseline: str,
     mean_activations: Mapping[tuple[str, str], torch.Tensor],
     special_token_ids: Sequence[int],
+    max_norms: Mapping[str, float] | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> tuple[dict[str, ModelEval], dict[tuple[str, str], SpliceEval]]:
@@ -134,6 +135,11 @@ def evaluate_transfer(
         the mean-ablation baseline of that model at that hook.
     special_token_ids:
         Positions holding these tokens are neither spliced nor scored.
+    max_norms:
+        ``{hook_name: norm}``: positions where the *baseline* model's activation at that hook is
+        longer than this (attention sinks that are not special tokens; the SAEs were trained
+        without them) are treated like special tokens, for every model. One such position has
+        ~100x the norm of the others and would otherwise dominate explained variance.
 
     Returns
     -------
@@ -163,14 +169,20 @@ def evaluate_transfer(
     bar = tqdm(total=len(batches) * len(models), desc="transfer matrix", disable=not progress)
     for batch in batches:
         keep = ~torch.isin(batch, special)  # [b, t] positions that are ordinary text
-        scored = keep[:, :-1] & keep[:, 1:]  # predict an ordinary token from an ordinary token
-        n_scored = int(scored.sum())
         baseline_logp = None
         for m_label in order:
             model = models[m_label]
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             b = batch.to(device)
             logits, cache = model.run_with_cache(b, names_filter=needed_hooks)
+            if baseline_logp is None:
+                # The baseline model (first in `order`) decides which positions are attention-sink
+                # outliers; the same positions are then excluded for every model and SAE.
+                for hook, limit in (max_norms or {}).items():
+                    if hook in cache:
+                        keep &= cache[hook].float().norm(dim=-1).cpu() <= limit
+                scored = keep[:, :-1] & keep[:, 1:]  # predict an ordinary token from an ordinary token
+                n_scored = int(scored.sum())
             logp = F.log_softmax(logits.float(), dim=-1).cpu()
             ce_tok = _next_token_ce(logp, batch)
             ms = model_sums[m_label]

@@ -435,12 +435,18 @@ def run_precision_sweep(
         mean_acts = {(p.name, h): torch.as_tensor(read_cache_info(cache_dirs[(p.name, "train")]).stats[h].mean,
                                                    dtype=torch.float32)
                      for p in precisions for h in hook_names}
+        max_norms = None
+        if cfg.max_norm_ratio is not None:  # the same outlier rule as in training, from the baseline's cache
+            max_norms = {h: cfg.max_norm_ratio * float(load_activations(cache_dirs[(baseline, "train")], h)
+                                                        .norm(dim=-1).median())
+                         for h in hook_names}
         model_evals, cell_evals = evaluate_transfer(
             models, saes, _eval_tokens(splits["test"]), baseline=baseline, mean_activations=mean_acts,
-            special_token_ids=special_token_ids(tokenizer), progress=progress,
+            special_token_ids=special_token_ids(tokenizer), max_norms=max_norms, progress=progress,
         )
         transfer = {
             "saes": transfer_key,
+            "max_norms": max_norms,
             "models": {k: dataclasses.asdict(v) for k, v in model_evals.items()},
             "cells": [dataclasses.asdict(v) for v in cell_evals.values()],
         }
@@ -582,6 +588,23 @@ def _comparison_jobs(out: Path, cfg: SweepConfig, precisions: list[Precision], l
     return jobs
 
 
+def _eval_activation_pair(cache_dirs: dict[tuple[str, str], Path], precision: str, baseline: str, hook: str,
+                          cfg: SweepConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out activations of the same tokens at ``precision`` and at the baseline, rows aligned.
+
+    Rows whose baseline activation is an attention-sink outlier (the training rule,
+    ``max_norm_ratio`` x the baseline's median training norm) are dropped from both, so that CKA
+    and cross-reconstruction are not decided by one token with ~100x the others' norm.
+    """
+    x_a = load_activations(cache_dirs[(precision, "eval")], hook)
+    x_b = load_activations(cache_dirs[(baseline, "eval")], hook)
+    if cfg.max_norm_ratio is not None:
+        limit = cfg.max_norm_ratio * float(load_activations(cache_dirs[(baseline, "train")], hook).norm(dim=-1).median())
+        keep = x_b.norm(dim=-1) <= limit
+        x_a, x_b = x_a[keep], x_b[keep]
+    return x_a, x_b
+
+
 def _run_comparisons(out: Path, cfg: SweepConfig, precisions: list[Precision], layers: list[int],
                      cache_dirs: dict[tuple[str, str], Path], device: str, progress: bool,
                      stale: set[Path] = frozenset()) -> list[dict[str, Any]]:
@@ -596,6 +619,7 @@ def _run_comparisons(out: Path, cfg: SweepConfig, precisions: list[Precision], l
     for layer in layers:
         for job in _comparison_jobs(out, cfg, precisions, layer):
             name = f"L{layer}_{job['kind']}_{job['a']}_vs_{job['b']}"
+            hook_name = _hook_name(layer, cfg.hook)
             folder = out / "compare" / name
             if (folder / "report.json").exists() and not ({job["a_dir"], job["b_dir"]} & stale):
                 report = ComparisonReport.from_json(folder / "report.json")
@@ -603,8 +627,8 @@ def _run_comparisons(out: Path, cfg: SweepConfig, precisions: list[Precision], l
                 _log(f"comparing {name}")
                 report = compare_saes(
                     str(job["a_dir"]), str(job["b_dir"]),
-                    activations=(cache_dirs[(job["a_acts"], "eval")], cache_dirs[(baseline, "eval")]),
-                    hook=_hook_name(layer, cfg.hook), n_bootstrap=cfg.n_bootstrap,
+                    activations=_eval_activation_pair(cache_dirs, job["a_acts"], baseline, hook_name, cfg),
+                    hook=hook_name, n_bootstrap=cfg.n_bootstrap,
                     n_permutations=cfg.n_permutations, seed=cfg.seed, device=device, progress=progress,
                 )
                 report.save(folder)
