@@ -173,3 +173,35 @@ def test_bad_input_is_rejected_clearly(setup):
         evaluate_transfer({"fp32": model}, {"s": sae}, tokens, baseline="fp32", mean_activations=means, **kw)
     with pytest.raises(ValueError, match="tokens must be"):
         evaluate_transfer({"fp32": model}, {}, tokens[0], baseline="fp32", mean_activations=means, **kw)
+
+
+@torch.no_grad()
+def test_outlier_positions_are_treated_like_special_tokens(setup):
+    """With max_norms, positions whose baseline activation is longer than the limit are neither
+    spliced nor scored: the numbers equal a hand computation with those positions masked out."""
+    from qsae_lens.evals import evaluate_transfer
+
+    model, tokens, keep = setup["model"], setup["tokens"], setup["keep"]
+    _, cache = model.run_with_cache(tokens, names_filter=[HOOK])
+    norms = cache[HOOK].float().norm(dim=-1)
+    limit = float(norms[keep].quantile(0.9))  # drop the longest 10% of ordinary positions
+    keep2 = keep & (norms <= limit)
+    assert 0 < int((keep & ~keep2).sum()) < int(keep.sum())
+    scored = keep2[:, :-1] & keep2[:, 1:]
+    x = cache[HOOK][keep2].float()
+    mean = x.mean(0)
+    sae = _random_topk_sae(x.shape[1], mean)
+
+    model_evals, cells = evaluate_transfer(
+        {"fp32": model}, {"rand": sae}, tokens, baseline="fp32", mean_activations={("fp32", HOOK): mean},
+        special_token_ids=setup["specials"], max_norms={HOOK: limit}, batch_size=3, progress=False,
+    )
+    c = cells[("rand", "fp32")]
+    assert c.n_tokens == model_evals["fp32"].n_tokens == int(scored.sum())
+    clean_logits = model(tokens)
+    assert c.ce_clean == pytest.approx(_masked_ce(clean_logits, tokens, scored), rel=1e-5)
+    sp_logits = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, _replace_hook(keep2, sae))])
+    assert c.ce_spliced == pytest.approx(_masked_ce(sp_logits, tokens, scored), rel=1e-4)
+    x_hat = sae(x)
+    ev = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert c.explained_variance == pytest.approx(float(ev), abs=1e-4)
