@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from qsae_lens.activations import cache_activations, load_activations, probe_layers, read_cache_info
+from qsae_lens.activations import cache_activations, load_activations, probe_layers
 from qsae_lens.precision import Precision, check_precision_runs_on, parse_precision
 
 DEFAULT_PRECISIONS = ("fp32", "int8", "nf4", "fp4")
@@ -237,6 +237,17 @@ def _training_config(cfg: SweepConfig, d_in: int, init_seed: int, hook_name: str
     return sae_cfg
 
 
+def _training_activations(cache_dir: Path, hook: str, max_norm_ratio: float | None) -> tuple[torch.Tensor, int]:
+    """The cached vectors SAEs train on: special tokens already excluded, attention-sink outliers
+    (norm > ``max_norm_ratio`` x the median) dropped. Returns ``(Tensor[n, d], n before dropping)``."""
+    acts = load_activations(cache_dir, hook)
+    n_cached = acts.shape[0]
+    if max_norm_ratio is not None:
+        norms = acts.norm(dim=-1)
+        acts = acts[norms <= max_norm_ratio * norms.median()]
+    return acts, n_cached
+
+
 def _eval_tokens(dataset: Any) -> torch.Tensor:
     return torch.tensor(dataset["input_ids"], dtype=torch.long)
 
@@ -375,11 +386,7 @@ def run_precision_sweep(
             stats_path = folder / "train_stats.json"  # absent if interrupted between the save and this file
             train_stats[label] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
             continue
-        acts = load_activations(cache_dirs[(p_name, "train")], hook)
-        n_cached = acts.shape[0]
-        if cfg.max_norm_ratio is not None:
-            norms = acts.norm(dim=-1)
-            acts = acts[norms <= cfg.max_norm_ratio * norms.median()]
+        acts, n_cached = _training_activations(cache_dirs[(p_name, "train")], hook, cfg.max_norm_ratio)
         metadata = {**model_meta[p_name], "hook_name": hook, "model_name": model_path, "init_seed": seed,
                     "dataset_path": f"qsae_lens corpus:{corpus_label}", "context_size": cfg.context_size,
                     "exclude_special_tokens": True,
@@ -420,6 +427,13 @@ def run_precision_sweep(
                       for label, (p, layer, s) in zip(saes, cells)}
 
     # 5. transfer matrix on fixed held-out tokens ---------------------------------------------
+    # attention-sink positions: the same rule as in training, from the baseline's cache; used by the
+    # transfer matrix and the activation metrics of the comparisons
+    max_norms = None
+    if cfg.max_norm_ratio is not None:
+        max_norms = {h: cfg.max_norm_ratio * float(load_activations(cache_dirs[(baseline, "train")], h)
+                                                    .norm(dim=-1).median())
+                     for h in hook_names}
     t0 = time.time()
     transfer_path = out / "transfer.json"
     transfer_key = sorted(saes)
@@ -432,14 +446,9 @@ def run_precision_sweep(
         from qsae_lens.activations import special_token_ids
         from qsae_lens.evals import evaluate_transfer
 
-        mean_acts = {(p.name, h): torch.as_tensor(read_cache_info(cache_dirs[(p.name, "train")]).stats[h].mean,
-                                                   dtype=torch.float32)
+        # mean ablation replaces the residual by the mean of exactly the vectors the SAEs trained on
+        mean_acts = {(p.name, h): _training_activations(cache_dirs[(p.name, "train")], h, cfg.max_norm_ratio)[0].mean(0)
                      for p in precisions for h in hook_names}
-        max_norms = None
-        if cfg.max_norm_ratio is not None:  # the same outlier rule as in training, from the baseline's cache
-            max_norms = {h: cfg.max_norm_ratio * float(load_activations(cache_dirs[(baseline, "train")], h)
-                                                        .norm(dim=-1).median())
-                         for h in hook_names}
         model_evals, cell_evals = evaluate_transfer(
             models, saes, _eval_tokens(splits["test"]), baseline=baseline, mean_activations=mean_acts,
             special_token_ids=special_token_ids(tokenizer), max_norms=max_norms, progress=progress,
@@ -461,7 +470,8 @@ def run_precision_sweep(
 
     # 6. comparisons ----------------------------------------------------------------------
     t0 = time.time()
-    comparisons = _run_comparisons(out, cfg, precisions, layers, cache_dirs, device, progress, stale=retrained)
+    comparisons = _run_comparisons(out, cfg, precisions, layers, cache_dirs, device, progress, stale=retrained,
+                                   max_norms=max_norms)
     timings["compare_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
 
@@ -589,25 +599,24 @@ def _comparison_jobs(out: Path, cfg: SweepConfig, precisions: list[Precision], l
 
 
 def _eval_activation_pair(cache_dirs: dict[tuple[str, str], Path], precision: str, baseline: str, hook: str,
-                          cfg: SweepConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                          max_norm: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out activations of the same tokens at ``precision`` and at the baseline, rows aligned.
 
-    Rows whose baseline activation is an attention-sink outlier (the training rule,
+    Rows whose baseline activation is longer than ``max_norm`` (attention sinks; the training rule,
     ``max_norm_ratio`` x the baseline's median training norm) are dropped from both, so that CKA
     and cross-reconstruction are not decided by one token with ~100x the others' norm.
     """
     x_a = load_activations(cache_dirs[(precision, "eval")], hook)
     x_b = load_activations(cache_dirs[(baseline, "eval")], hook)
-    if cfg.max_norm_ratio is not None:
-        limit = cfg.max_norm_ratio * float(load_activations(cache_dirs[(baseline, "train")], hook).norm(dim=-1).median())
-        keep = x_b.norm(dim=-1) <= limit
+    if max_norm is not None:
+        keep = x_b.norm(dim=-1) <= max_norm
         x_a, x_b = x_a[keep], x_b[keep]
     return x_a, x_b
 
 
 def _run_comparisons(out: Path, cfg: SweepConfig, precisions: list[Precision], layers: list[int],
                      cache_dirs: dict[tuple[str, str], Path], device: str, progress: bool,
-                     stale: set[Path] = frozenset()) -> list[dict[str, Any]]:
+                     stale: set[Path] = frozenset(), max_norms: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """compare_saes for every pair the report needs; each report saved under ``compare/<name>/``.
 
     Activation metrics use the held-out activations of the same tokens at the two SAEs' precisions.
@@ -627,7 +636,8 @@ def _run_comparisons(out: Path, cfg: SweepConfig, precisions: list[Precision], l
                 _log(f"comparing {name}")
                 report = compare_saes(
                     str(job["a_dir"]), str(job["b_dir"]),
-                    activations=_eval_activation_pair(cache_dirs, job["a_acts"], baseline, hook_name, cfg),
+                    activations=_eval_activation_pair(cache_dirs, job["a_acts"], baseline, hook_name,
+                                                      (max_norms or {}).get(hook_name)),
                     hook=hook_name, n_bootstrap=cfg.n_bootstrap,
                     n_permutations=cfg.n_permutations, seed=cfg.seed, device=device, progress=progress,
                 )
