@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# SAELens's on-disk file set (sae_lens.constants); the first two are required.
+# The two files every SAELens SAE folder holds (sae_lens.constants): copied here so validating a
+# folder does not pay for importing sae_lens; tests check they match SAELens's.
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
-_OPTIONAL_FILENAMES = ("sparsity.safetensors", "runner_cfg.json")
 CARD_FILENAME = "README.md"
 DEFAULT_COMMIT_MESSAGE = "Upload SAEs with qsae_lens"
 PREFLIGHT_TIMEOUT_S = 10.0
@@ -341,7 +341,10 @@ def _stage_into(
 ) -> None:
     """Write the exact upload folder into ``target`` (which exists and is empty)."""
     from sae_lens import SAE
+    from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME
 
+    # The files SAELens's upload_saes_to_huggingface uploads from an SAE folder (its allow_patterns).
+    sae_files = (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, RUNNER_CFG_FILENAME)
     cfgs: dict[str, dict[str, Any]] = {}
     for sae_id, ref in saes.items():
         dest = target / sae_id
@@ -356,7 +359,7 @@ def _stage_into(
         else:
             src = Path(ref)
             dest.mkdir()
-            for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, *_OPTIONAL_FILENAMES):
+            for name in sae_files:
                 if (src / name).is_file():  # copies, never links: the source stays untouched
                     shutil.copyfile(src / name, dest / name)
         cfgs[sae_id] = _validate_sae_folder(dest, sae_id)

@@ -128,6 +128,15 @@ def test_staged_folder_round_trips_and_card_parses(saes, x, tmp_path):
         "resid3-nf4/sae_weights.safetensors",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "stage"]
+    # hub.py's light copies of SAELens's file names are SAELens's own
+    from sae_lens import constants
+
+    from qsae_lens import hub
+
+    assert (hub.SAE_CFG_FILENAME, hub.SAE_WEIGHTS_FILENAME) == (
+        constants.SAE_CFG_FILENAME,
+        constants.SAE_WEIGHTS_FILENAME,
+    )
 
     for sae_id, original in saes.items():
         loaded = SAE.load_from_disk(stage / sae_id)
