@@ -282,6 +282,9 @@ def build_model_card(
     """
     from huggingface_hub import ModelCardData
 
+    from qsae_lens.precision import PRECISION_METADATA_KEYS
+
+    keys = ", ".join(f"`{k}`" for k in (*PRECISION_METADATA_KEYS, "init_seed"))
     precisions = sorted({str(c.get("metadata", {}).get("precision")) for c in cfgs.values()} - {"None"})
     if base_model is None:  # only a hub id is a valid base_model; local paths are not
         names = {c.get("metadata", {}).get("model_name") for c in cfgs.values()}
@@ -300,8 +303,7 @@ def build_model_card(
         f"# {repo_id}: SAEs across precisions",
         "Sparse autoencoders trained with [SAELens](https://github.com/decoderesearch/SAELens) on activations "
         "of a model run at the precision listed per SAE, published with qsae_lens. Each SAE's `cfg.json` "
-        "carries its precision description in `metadata` (`precision`, `quant_type`, `compute_dtype`, "
-        "`double_quant`, `bitsandbytes_version`, `model_source`, `weights_sha256`, `init_seed`).",
+        f"carries its precision description in `metadata` ({keys}).",
         f"Base model: `{base_model}`" if base_model else "",
         "## SAEs",
     ]

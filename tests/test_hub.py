@@ -162,6 +162,9 @@ def test_staged_folder_round_trips_and_card_parses(saes, x, tmp_path):
     # the comparison's headline metric with its CI and null, and "—" where the report has none
     assert "| matched_cosine | 0.8123 | [0.79, 0.83] | 0.1377 | 0.0005 | — |" in card.text
     assert "| cka | 0.91 | — | — | — | — |" in card.text
+    # the card names every metadata key DEVELOPERS.md reserves for precision provenance
+    for key in (*PRECISION_KEYS, "model_source", "weights_sha256", "init_seed"):
+        assert f"`{key}`" in card.text
 
 
 def _lay_out_hub_cache(cache: Path, repo_id: str, staged: Path, commit: str) -> None:
