@@ -114,6 +114,16 @@ def test_random_saes_sit_on_their_nulls(tmp_path):
     held = simulate_alignment_nulls(*res.test_shape, d, n_draws=2, seed=9, cache_dir=tmp_path).matched_cosine
     assert abs(res.matched_cosine_cv - held.mean) < 0.015, (res, held)
     assert res.matched_cosine_in_sample > res.matched_cosine_cv + 0.02
+    # handing over the raw matching already solved changes nothing but the work done
+    reused = procrustes_matched(a, b, max_iter=4, matching=m)
+    # (equal up to re-normalising unit rows in float32)
+    assert reused.raw_matched_cosine == m.mean_cosine
+    assert reused.raw_matched_cosine == pytest.approx(res.raw_matched_cosine, abs=1e-6)
+    assert reused.matched_cosine_cv == pytest.approx(res.matched_cosine_cv, abs=1e-6)
+    assert torch.equal(reused.matching.cols, res.matching.cols)
+    assert torch.allclose(reused.rotation, res.rotation, atol=1e-5)
+    with pytest.raises(ValueError, match="matching has 10 pairs"):
+        procrustes_matched(a, b, max_iter=1, matching=one_to_one_matching(a[:10], b))
 
     # the naive row-wise fit "finds" alignment between unrelated SAEs when n is a few times d
     naive = procrustes_rowwise_naive(a[: 2 * d], b[: 2 * d]).mean_cosine

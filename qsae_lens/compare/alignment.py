@@ -489,6 +489,7 @@ def procrustes_matched(
     exact_max: int = EXACT_MAX,
     k_candidates: int = 32,
     block_size: int = 4096,
+    matching: Matching | None = None,
 ) -> ProcrustesResult:
     """Orthogonal map between the two direction spaces fitted on matched latents, scored on held-out latents.
 
@@ -502,6 +503,9 @@ def procrustes_matched(
     folds, and the held-out latents are matched one-to-one, under that fixed map, to the latents of ``b`` the
     training matching left free. The mean of those held-out cosines is the headline; read it against the
     random null of a ``test_shape`` matching. The moment start uses all of a and b but no pairing.
+
+    ``matching``: ``one_to_one_matching(a, b)`` when the caller already has it (same ``exact_max``,
+    ``k_candidates``), so the raw matching is not solved twice.
     """
     a_u, b_u = _prepare(a, b)
     if cv_folds < 2:
@@ -522,7 +526,12 @@ def procrustes_matched(
         )
     kw = dict(exact_max=exact_max, k_candidates=k_candidates, block_size=block_size)
 
-    raw = one_to_one_matching(a_u, b_u, **kw)
+    if matching is not None and matching.rows.shape[0] != min(n_a, n_b):
+        raise ValueError(
+            f"matching has {matching.rows.shape[0]} pairs but a one-to-one matching of a ({n_a} rows) and b "
+            f"({n_b} rows) has {min(n_a, n_b)}: pass one_to_one_matching(a, b) or None"
+        )
+    raw = matching if matching is not None else one_to_one_matching(a_u, b_u, **kw)
     r_mom = _moment_rotation(a_u, b_u)
     mom = one_to_one_matching(a_u @ r_mom, b_u, **kw)
     if mom.mean_cosine > raw.mean_cosine:

@@ -261,7 +261,7 @@ def compare_saes(
             metrics=metrics, distributions=distributions,
         )  # fmt: skip
         procrustes = _procrustes_metric(
-            dec_a, dec_b, null=null, block_size=block_size, ctx=ctx, metrics=metrics
+            dec_a, dec_b, matching, null=null, block_size=block_size, ctx=ctx, metrics=metrics
         )
 
         categories: dict[str, Any] = {}
@@ -492,6 +492,7 @@ def _weight_metrics(
 ) -> Any:
     """Best match both ways (decoder and encoder), MNN, one-to-one matching; returns the Matching."""
     from qsae_lens.compare.alignment import (
+        best_match,
         best_match_both,
         fraction_above,
         mutual_nearest_neighbours,
@@ -513,10 +514,10 @@ def _weight_metrics(
     bm_ab, bm_ba = best_match_both(dec_a, dec_b, block_size=block_size)
     mnn = mutual_nearest_neighbours(dec_a, dec_b, matches=(bm_ab, bm_ba))
     if null != "none":
-        null_ab, _ = best_match_both(dec_a, rand_b, block_size=block_size)
-        null_ba, _ = best_match_both(dec_b, rand_a, block_size=block_size)
-        ns.best_match_ab, ns.best_match_ba = null_ab.cosine, null_ba.cosine
-        ns.mutual_nn = mutual_nearest_neighbours(dec_a, rand_b, block_size=block_size).float()
+        null_both = best_match_both(dec_a, rand_b, block_size=block_size)  # also serves the MNN null
+        ns.best_match_ab = null_both[0].cosine
+        ns.best_match_ba = best_match(dec_b, rand_a, block_size=block_size).cosine
+        ns.mutual_nn = mutual_nearest_neighbours(dec_a, rand_b, matches=null_both).float()
     ctx.step("decoder best match")
     r_ab, r_ba = ref.get("best_match_ab"), ref.get("best_match_ba")
     _add_mean_metric(
@@ -539,8 +540,8 @@ def _weight_metrics(
         enc_a, enc_b = enc_a.to(dev), enc_b.to(dev)
         e_ab, e_ba = best_match_both(enc_a, enc_b, block_size=block_size)
         if null != "none":
-            ns.encoder_best_match_ab = best_match_both(enc_a, rand_b, block_size=block_size)[0].cosine
-            ns.encoder_best_match_ba = best_match_both(enc_b, rand_a, block_size=block_size)[0].cosine
+            ns.encoder_best_match_ab = best_match(enc_a, rand_b, block_size=block_size).cosine
+            ns.encoder_best_match_ba = best_match(enc_b, rand_a, block_size=block_size).cosine
         _add_mean_metric(
             metrics,
             "encoder_cosine_best_match_ab",
@@ -620,6 +621,7 @@ def _add_mean_metric(
 def _procrustes_metric(
     dec_a: Tensor,
     dec_b: Tensor,
+    matching: Any,
     *,
     null: str,
     block_size: int,
@@ -636,7 +638,9 @@ def _procrustes_metric(
             warnings.simplefilter(
                 "ignore", UserWarning
             )  # underdetermined fit: the CV score is the honest one
-            res = procrustes_matched(dec_a, dec_b, seed=ctx.seed, block_size=block_size)
+            res = procrustes_matched(
+                dec_a, dec_b, seed=ctx.seed, block_size=block_size, matching=matching
+            )  # the raw matching is the one _weight_metrics solved
     except ValueError as e:  # too few latents to hold out a fold
         metrics["decoder_procrustes_matched_cosine"] = MetricResult(float("nan"))
         ctx.step(f"procrustes skipped: {e}")
