@@ -124,5 +124,12 @@ def test_holm_and_bh_textbook_examples():
 def test_bh_matches_scipy_false_discovery_control():
     p = np.random.default_rng(4).uniform(size=200) ** 3
     np.testing.assert_allclose(benjamini_hochberg(torch.from_numpy(p)).numpy(), scipy.stats.false_discovery_control(p), rtol=1e-12)
+    # the definition written out: adj_(i) = min_{j>=i} min(1, m p_(j) / j), back in input order
+    m, order = p.size, np.argsort(p)
+    by_rank = [min(1.0, min(m * p[order[j]] / (j + 1) for j in range(i, m))) for i in range(m)]
+    expected = np.empty(m)
+    expected[order] = by_rank
+    np.testing.assert_allclose(benjamini_hochberg(p).numpy(), expected, rtol=1e-12)
+    assert benjamini_hochberg([]).numel() == 0
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         holm([0.2, 1.5])

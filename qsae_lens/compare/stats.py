@@ -270,21 +270,15 @@ def holm(pvalues: Tensor | Sequence[float]) -> Tensor:
 def benjamini_hochberg(pvalues: Tensor | Sequence[float]) -> Tensor:
     """Benjamini–Hochberg adjusted p-values (false-discovery-rate control), Tensor[m] float64.
 
-    adj_(i) = min_{j>=i} min(1, m p_(j) / j). Same numbers as
-    ``scipy.stats.false_discovery_control(p, method="bh")``; kept in torch so a metric table can be
-    adjusted without leaving tensors (the tests check agreement with scipy).
+    adj_(i) = min_{j>=i} min(1, m p_(j) / j), computed by
+    ``scipy.stats.false_discovery_control(p, method="bh")``.
     """
+    from scipy.stats import false_discovery_control
+
     p = _check_pvalues(pvalues)
-    m = p.numel()
-    if m == 0:
+    if p.numel() == 0:
         return p
-    order = torch.argsort(p, stable=True)
-    ranks = torch.arange(1, m + 1, dtype=torch.float64)
-    scaled = p[order] * m / ranks
-    adj_sorted = torch.flip(torch.cummin(torch.flip(scaled, [0]), dim=0).values, [0]).clamp_(max=1.0)
-    out = torch.empty_like(p)
-    out[order] = adj_sorted
-    return out
+    return torch.from_numpy(false_discovery_control(p.numpy(), method="bh")).to(torch.float64)
 
 
 def _check_pvalues(pvalues: Tensor | Sequence[float]) -> Tensor:
