@@ -85,15 +85,12 @@ LLAMA = ArchitectureAdapter(
     mlp_out="mlp",
     normalization_type="RMS",
 )
-GEMMA3 = ArchitectureAdapter(
+# Gemma 3 is Llama's layout with sandwich norms: only the residual-adding modules and the gain differ.
+GEMMA3 = dataclasses.replace(
+    LLAMA,
     family="gemma3",
-    base="model",
-    embed="model.embed_tokens",
-    layers="model.layers",
-    final_norm="model.norm",
     attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm",
-    normalization_type="RMS",
     gain="1+w",
 )
 GPT2 = ArchitectureAdapter(
