@@ -580,7 +580,6 @@ def _finalize(partial: Path, out: Path, signature: dict[str, Any], n_shards: int
     n_windows = n_positions = n_rows = 0
     hook_dims: dict[str, int] = {}
     rows_per_window = 0
-    with_tokens = False
     for s in range(n_shards):
         with safe_open(str(partial / f"stats-{s:05d}.safetensors"), framework="pt") as f:
             meta = f.metadata()
