@@ -237,15 +237,21 @@ def _training_config(cfg: SweepConfig, d_in: int, init_seed: int, hook_name: str
     return sae_cfg
 
 
-def _training_activations(cache_dir: Path, hook: str, max_norm_ratio: float | None) -> tuple[torch.Tensor, int]:
+def _training_activations(cache_dir: Path, hook: str, max_norm_ratio: float | None
+                          ) -> tuple[torch.Tensor, int, float | None]:
     """The cached vectors SAEs train on: special tokens already excluded, attention-sink outliers
-    (norm > ``max_norm_ratio`` x the median) dropped. Returns ``(Tensor[n, d], n before dropping)``."""
+    (norm > ``max_norm_ratio`` x the median) dropped.
+
+    Returns ``(Tensor[n, d], n before dropping, the norm limit or None)``.
+    """
     acts = load_activations(cache_dir, hook)
     n_cached = acts.shape[0]
+    limit = None
     if max_norm_ratio is not None:
         norms = acts.norm(dim=-1)
-        acts = acts[norms <= max_norm_ratio * norms.median()]
-    return acts, n_cached
+        limit = max_norm_ratio * float(norms.median())
+        acts = acts[norms <= limit]
+    return acts, n_cached, limit
 
 
 def _eval_tokens(dataset: Any) -> torch.Tensor:
@@ -377,6 +383,16 @@ def run_precision_sweep(
     t0 = time.time()
     train_stats: dict[str, Any] = {}
     retrained: set[Path] = set()  # cells trained in this run: results computed from their old weights are stale
+    # (mean, outlier norm limit) of the vectors SAEs train on, per (precision, hook): filled when a
+    # cell loads them, so the transfer matrix does not read the caches again
+    train_summary: dict[tuple[str, str], tuple[torch.Tensor, float | None]] = {}
+
+    def summary(p_name: str, hook: str) -> tuple[torch.Tensor, float | None]:
+        if (p_name, hook) not in train_summary:
+            acts, _, limit = _training_activations(cache_dirs[(p_name, "train")], hook, cfg.max_norm_ratio)
+            train_summary[(p_name, hook)] = (acts.mean(0), limit)
+        return train_summary[(p_name, hook)]
+
     for p_name, layer, seed in cells:
         folder = _cell_dir(out, p_name, layer, seed)
         hook = _hook_name(layer, cfg.hook)
@@ -386,7 +402,8 @@ def run_precision_sweep(
             stats_path = folder / "train_stats.json"  # absent if interrupted between the save and this file
             train_stats[label] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
             continue
-        acts, n_cached = _training_activations(cache_dirs[(p_name, "train")], hook, cfg.max_norm_ratio)
+        acts, n_cached, limit = _training_activations(cache_dirs[(p_name, "train")], hook, cfg.max_norm_ratio)
+        train_summary[(p_name, hook)] = (acts.mean(0), limit)
         metadata = {**model_meta[p_name], "hook_name": hook, "model_name": model_path, "init_seed": seed,
                     "dataset_path": f"qsae_lens corpus:{corpus_label}", "context_size": cfg.context_size,
                     "exclude_special_tokens": True,
@@ -406,7 +423,8 @@ def run_precision_sweep(
             out_dir=folder,
             metadata=metadata,
         )
-        stats = {"seconds": time.time() - t_cell, "samples_per_s": cfg.training_samples / (time.time() - t_cell),
+        seconds = time.time() - t_cell
+        stats = {"seconds": seconds, "samples_per_s": cfg.training_samples / seconds,
                  "cached_vectors": n_cached, "outliers_dropped": n_cached - int(acts.shape[0]),
                  "epochs": cfg.training_samples / acts.shape[0],
                  "dead_fraction_train": result.dead_fraction}
@@ -431,9 +449,7 @@ def run_precision_sweep(
     # transfer matrix and the activation metrics of the comparisons
     max_norms = None
     if cfg.max_norm_ratio is not None:
-        max_norms = {h: cfg.max_norm_ratio * float(load_activations(cache_dirs[(baseline, "train")], h)
-                                                    .norm(dim=-1).median())
-                     for h in hook_names}
+        max_norms = {h: summary(baseline, h)[1] for h in hook_names}
     t0 = time.time()
     transfer_path = out / "transfer.json"
     transfer_key = sorted(saes)
@@ -447,8 +463,7 @@ def run_precision_sweep(
         from qsae_lens.evals import evaluate_transfer
 
         # mean ablation replaces the residual by the mean of exactly the vectors the SAEs trained on
-        mean_acts = {(p.name, h): _training_activations(cache_dirs[(p.name, "train")], h, cfg.max_norm_ratio)[0].mean(0)
-                     for p in precisions for h in hook_names}
+        mean_acts = {(p.name, h): summary(p.name, h)[0] for p in precisions for h in hook_names}
         model_evals, cell_evals = evaluate_transfer(
             models, saes, _eval_tokens(splits["test"]), baseline=baseline, mean_activations=mean_acts,
             special_token_ids=special_token_ids(tokenizer), max_norms=max_norms, progress=progress,

@@ -25,7 +25,7 @@ from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from safetensors.torch import save_file
 
-from qsae_lens.training.common import attach_precision_metadata, safe_logging_config
+from qsae_lens.training.common import PRECISION_METADATA_KEYS, attach_precision_metadata, safe_logging_config
 
 LOSS_HISTORY_FILENAME = "loss_history.json"
 
@@ -124,9 +124,10 @@ def train_sae_on_activations(
         idx = torch.randperm(activations.shape[0], generator=gen)[:b_dec_sample]
         sae.initialize_b_dec(activations[idx].to(device))
     if metadata:
-        attach_precision_metadata(sae, metadata)
-        for key, value in metadata.items():
-            sae.cfg.metadata[key] = value
+        attach_precision_metadata(sae, metadata)  # the precision keys, checked to be plain JSON
+        for key, value in metadata.items():  # the rest (hook, model, dataset...) as SAELens's runner sets them
+            if key not in PRECISION_METADATA_KEYS:
+                sae.cfg.metadata[key] = value
 
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total_tokens,
