@@ -232,7 +232,7 @@ def test_cli_help(capsys):
 def test_cli_parses_arguments_into_the_sweep(tmp_path):
     """Arguments reach run_precision_sweep: a layer out of range is reported with the valid range."""
     from qsae_lens.cli import build_parser, main
-    from qsae_lens.sweep import _parse_layers_arg
+    from qsae_lens.sweep.run import _parse_layers_arg
 
     argv = ["sweep", "--precisions", "fp32,nf4", "--layers", "8,16", "--seeds", "0,2", "--d-sae", "512",
             "--out", str(tmp_path / "o")]

@@ -15,7 +15,7 @@ The pipeline reads top to bottom in :func:`run_precision_sweep`:
    different one, beside a **ceiling** (two seeds at the baseline precision) and a **floor**
    (a random SAE of the same shape): the precision effect is read against the seed-to-seed
    variation, never against 1.0;
-7. **report**: JSON, markdown and one self-contained HTML page (:mod:`qsae_lens.sweep_report`).
+7. **report**: JSON, markdown and one self-contained HTML page (:mod:`qsae_lens.report.sweep_report`).
 
 Every step writes its results atomically under ``out_dir`` and is skipped when its result is
 already there, so an interrupted sweep resumes where it stopped.
@@ -101,7 +101,7 @@ class SweepResult:
 
     out_dir: Path
     report: dict[str, Any]
-    """The content of ``report.json`` (see :mod:`qsae_lens.sweep_report`)."""
+    """The content of ``report.json`` (see :mod:`qsae_lens.report.sweep_report`)."""
 
     @property
     def markdown_path(self) -> Path:
@@ -491,7 +491,7 @@ def run_precision_sweep(
     timings["total_s"] = time.time() - t_start
 
     # 7. report ----------------------------------------------------------------------------
-    from qsae_lens.sweep_report import build_sweep_report, write_sweep_report
+    from qsae_lens.report.sweep_report import build_sweep_report, write_sweep_report
 
     report = build_sweep_report(
         config={**dataclasses.asdict(cfg), "corpus": corpus_label, "model_path": model_path, "n_layers": n_layers,

@@ -1,0 +1,93 @@
+"""The typed plan of a sweep: which cells exist and where each result lives.
+
+Every path and label of a sweep is derived here, once: no other module (and no test) builds
+``saes/<precision>/layer<L>/seed<S>`` or ``"fp32/L16/s0"`` by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from qsae_lens.precision import Precision
+
+
+class CellKey(NamedTuple):
+    """One trained SAE of the sweep: a (precision, layer, seed) cell of the grid."""
+
+    precision: str
+    """Precision name, e.g. ``"nf4"`` (see :func:`qsae_lens.precision.parse_precision`)."""
+    layer: int
+    """Block index whose hook the SAE reads."""
+    seed: int
+    """Init (and data-order) seed of the SAE."""
+
+    @property
+    def label(self) -> str:
+        """Short human label, e.g. ``"nf4/L16/s0"`` (report tables, logs, JSON keys)."""
+        return f"{self.precision}/L{self.layer}/s{self.seed}"
+
+    def dir(self, out_dir: str | os.PathLike[str]) -> Path:
+        """The SAELens checkpoint folder of this cell under a sweep's ``out_dir``."""
+        return Path(out_dir) / "saes" / self.precision / f"layer{self.layer}" / f"seed{self.seed}"
+
+    @classmethod
+    def from_label(cls, label: str) -> CellKey:
+        """Inverse of :attr:`label`."""
+        precision, layer, seed = label.rsplit("/", 2)
+        if not (layer.startswith("L") and seed.startswith("s")):
+            raise ValueError(f"not a cell label: {label!r} (expected like 'nf4/L16/s0')")
+        return cls(precision, int(layer[1:]), int(seed[1:]))
+
+
+def hook_name(layer: int, hook: str = "hook_resid_post") -> str:
+    """TransformerLens hook name of ``hook`` at block ``layer``: ``blocks.{layer}.{hook}``."""
+    return f"blocks.{layer}.{hook}"
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything resolved before any long work: model, layers, hooks, precisions, cells, folders."""
+
+    config: Any
+    """The validated :class:`qsae_lens.sweep.SweepConfig`."""
+    out_dir: Path
+    model_path: str
+    """Resolved local path (or hub id) of the model."""
+    n_layers: int
+    layers: tuple[int, ...]
+    hook: str
+    """Hook suffix, e.g. ``"hook_resid_post"``."""
+    precisions: tuple[Precision, ...]
+    baseline: str
+    """Name of the precision every other is compared with."""
+    seeds: tuple[int, ...]
+    """Seeds trained at every precision (the baseline's seed pairs give the seed-to-seed ceiling)."""
+    cells: tuple[CellKey, ...]
+    device: str
+
+    def hook_name(self, layer: int) -> str:
+        return hook_name(layer, self.hook)
+
+    @property
+    def hook_names(self) -> list[str]:
+        return [self.hook_name(layer) for layer in self.layers]
+
+    @property
+    def precision_names(self) -> list[str]:
+        return [p.name for p in self.precisions]
+
+    def cache_dir(self, precision: str, split: str) -> Path:
+        """Activation cache folder of one precision: ``split`` is ``"train"`` or ``"eval"``."""
+        return self.out_dir / "activations" / precision / split
+
+    def step_dir(self, name: str) -> Path:
+        """Folder where the step ``name`` (e.g. ``"survival"``) keeps its outputs."""
+        return self.out_dir / name
+
+    def cells_at(self, precision: str | None = None, layer: int | None = None) -> list[CellKey]:
+        return [c for c in self.cells if (precision is None or c.precision == precision)
+                and (layer is None or c.layer == layer)]
