@@ -91,3 +91,27 @@ class SweepPlan:
     def cells_at(self, precision: str | None = None, layer: int | None = None) -> list[CellKey]:
         return [c for c in self.cells if (precision is None or c.precision == precision)
                 and (layer is None or c.layer == layer)]
+
+
+@dataclass
+class CoreResults:
+    """What the core steps returned, handed to every analysis step (``run_step(plan, core)``).
+
+    Activation caches are not held here: read them with
+    ``qsae_lens.activations.load_activations(plan.cache_dir(precision, "train"|"eval"), hook_name)``
+    (rows aligned across precisions: the same tokens in the same order).
+    """
+
+    models: dict[str, Any]
+    """Precision name -> loaded :class:`qsae_lens.models.HookedQuantizedLM` (all kept in memory)."""
+    tokenizer: Any
+    eval_tokens: Any
+    """Tensor[n_windows, context_size] int64: held-out BOS-led windows, the same for every precision."""
+    saes: dict[CellKey, Any]
+    """Every trained SAE of the sweep (SAELens ``SAE`` objects, eval mode)."""
+    max_norms: dict[str, float | None]
+    """Hook name -> attention-sink norm limit (positions above it are left out of scoring), or None."""
+    transfer: Any = None
+    """The transfer-matrix step's result."""
+    comparisons: Any = None
+    """The comparison step's result."""

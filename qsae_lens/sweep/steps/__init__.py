@@ -7,7 +7,7 @@ Each module named in :data:`ANALYSES` exposes::
     def report_section(result) -> qsae_lens.report.ReportSection
 
 ``core`` holds what the core steps returned (models, caches, trained SAEs, transfer matrix,
-comparisons): see :class:`qsae_lens.sweep.run.CoreResults`. A step keeps its files under
+comparisons): see :class:`qsae_lens.sweep.plan.CoreResults`. A step keeps its files under
 ``plan.step_dir(NAME)`` and decides reuse with :mod:`qsae_lens.sweep.reuse`.
 """
 
