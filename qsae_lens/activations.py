@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from qsae_lens.layers import probe_layers
+
 if TYPE_CHECKING:
     import datasets
 
@@ -56,15 +58,7 @@ _SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_tok
 # probe layers
 
 
-def probe_layers(n_layers: int) -> list[int]:
-    """The methodology's probe layers: layer 0, every 4th layer, and the last two (sorted, unique).
-
-    ``probe_layers(48) == [0, 4, 8, ..., 44, 46, 47]``; ``probe_layers(30) == [0, 4, ..., 28, 29]``.
-    """
-    if isinstance(n_layers, bool) or not isinstance(n_layers, (int, np.integer)) or n_layers < 1:
-        raise ValueError(f"n_layers must be a positive int, got {n_layers!r}.")
-    n = int(n_layers)
-    return sorted({*range(0, n, 4), max(n - 2, 0), n - 1})
+# the one definition lives in qsae_lens.layers; re-exported here for existing imports
 
 
 # --------------------------------------------------------------------------------------------
