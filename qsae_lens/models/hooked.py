@@ -240,6 +240,32 @@ class HookedQuantizedLM(HookedRootModule):
         return get_submodule(self.model, self.adapter.embed).weight  # type: ignore[return-value]
 
     @property
+    def W_U(self) -> Tensor:
+        """Unembedding, ``Tensor[d_model, d_vocab]``: the HF LM head's weight transposed, as in
+        HookedTransformer (``logits = ln_final(resid) @ W_U + b_U``). A quantized head (bitsandbytes
+        ``Params4bit`` / ``Int8Params``) is dequantized to the compute dtype; tied heads share ``W_E``'s storage."""
+        head = self.model.get_output_embeddings()
+        weight = head.weight
+        if type(weight).__name__ in ("Params4bit", "Int8Params") or weight.dtype in (torch.uint8, torch.int8):
+            import bitsandbytes.functional as bnbf  # only for a quantized head
+
+            state = getattr(weight, "quant_state", None)
+            if state is not None:
+                weight = bnbf.dequantize_4bit(weight.data, state)
+            else:  # LLM.int8: int8 rows with per-row absmax scale
+                weight = weight.data.float() * (head.state.SCB.float()[:, None] / 127.0)  # type: ignore[union-attr]
+            weight = weight.to(self.cfg.dtype)
+        return weight.T
+
+    @property
+    def b_U(self) -> Tensor:
+        """Unembedding bias, ``Tensor[d_vocab]`` (zeros when the LM head has no bias, as for Llama)."""
+        head = self.model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            return head.bias
+        return torch.zeros(self.cfg.d_vocab, dtype=self.cfg.dtype, device=self.W_E.device)
+
+    @property
     def hf_model(self) -> nn.Module:
         """The wrapped Hugging Face model (its bitsandbytes modules, if quantized, are intact)."""
         return self.model
