@@ -1,0 +1,29 @@
+"""Feature survival across precisions, latent by latent: frozen-SAE survival, its predictor, top examples.
+
+``feature_survival`` (frozen SAE on reference vs quantized activations of the same tokens),
+``predict_survival`` (why features die), ``top_examples`` / ``logit_lens`` (what each feature is).
+"""
+
+from qsae_lens.survival.frozen import (
+    STATUSES,
+    Fraction,
+    SurvivalReport,
+    SurvivalThresholds,
+    feature_survival,
+    threshold_curve,
+    transposed_survival,
+)
+from qsae_lens.survival.streaming import HIST_EDGES, FixedBinHistogram, RunningTopK
+
+__all__ = [
+    "STATUSES",
+    "Fraction",
+    "SurvivalReport",
+    "SurvivalThresholds",
+    "feature_survival",
+    "threshold_curve",
+    "transposed_survival",
+    "HIST_EDGES",
+    "FixedBinHistogram",
+    "RunningTopK",
+]

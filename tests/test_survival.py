@@ -1,0 +1,134 @@
+"""Frozen-SAE survival, streaming top-k / histograms, the predictor and the logit lens, against planted truths."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qsae_lens.survival import (
+    FixedBinHistogram,
+    RunningTopK,
+    SurvivalReport,
+    feature_survival,
+)
+
+
+def _planted_sae(d_in: int = 64, d_sae: int = 48, seed: int = 0):
+    """A real SAELens StandardSAE with orthonormal decoder rows, W_enc = W_dec^T, b_enc = -1e-3:
+    it encodes ``codes @ W_dec`` back to ``codes - 1e-3`` on firing entries (codes >= 0.05) and to
+    exact zeros elsewhere (the small negative bias absorbs float round-off): a planted truth."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu"))
+    q, _ = torch.linalg.qr(torch.randn(d_in, d_sae, generator=torch.Generator().manual_seed(seed)))
+    with torch.no_grad():
+        sae.W_dec.copy_(q.T)
+        sae.W_enc.copy_(q)
+        sae.b_enc.fill_(-1e-3)
+        sae.b_dec.zero_()
+    return sae
+
+
+def _codes(n: int, d_sae: int, density: float = 0.1, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    fire = torch.rand(n, d_sae, generator=g) < density
+    return torch.where(fire, torch.rand(n, d_sae, generator=g) * 3 + 0.5, torch.zeros(()))
+
+
+@pytest.fixture(scope="module")
+def planted():
+    sae = _planted_sae()
+    codes = _codes(4000, 48)
+    codes[:, 40:] = 0  # latents 40..47 never fire in the reference
+    return sae, codes, codes @ sae.W_dec.detach()
+
+
+def test_identity_survives_with_correlation_one(planted):
+    sae, codes, acts = planted
+    rep = feature_survival(sae, acts, acts.clone(), n_bootstrap=20, block=700)
+    alive = codes.gt(0).sum(0) >= 5
+    assert all(s == "survived" for s, a in zip(rep.status, alive.tolist()) if a)
+    assert all(s == "dead" for s, a in zip(rep.status, alive.tolist()) if not a)
+    assert torch.allclose(rep.pearson[alive], torch.ones(int(alive.sum()), dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(rep.firing_jaccard[alive], torch.ones(int(alive.sum()), dtype=torch.float64))
+    assert rep.fractions["survived"].value == 1.0 and rep.fractions["survived"].lo == 1.0
+    assert torch.allclose(rep.topk_overlap[alive], torch.ones(int(alive.sum()), dtype=torch.float64))
+
+
+def test_planted_died_blurred_born(planted):
+    sae, codes, acts_ref = planted
+    g = torch.Generator().manual_seed(5)
+    died, blurred, born = [3, 7, 11], [20, 21, 22], [44]
+    cq = codes.clone()
+    cq[:, died] = 0
+    fire = cq[:, blurred] > 0
+    # noise along the chosen latents, on their firing tokens: correlation drops, firing set kept
+    cq[:, blurred] = torch.where(fire, (cq[:, blurred] + 3 * torch.randn(fire.shape, generator=g)).clamp_min(0.05), cq[:, blurred])
+    cq[:, born] = (torch.rand(len(codes), 1, generator=g) < 0.1).float()
+    rep = feature_survival(sae, acts_ref, cq @ sae.W_dec.detach(), n_bootstrap=50)
+    st = np.array(rep.status)
+    assert sorted(np.flatnonzero(st == "died").tolist()) == died
+    assert sorted(np.flatnonzero(st == "blurred").tolist()) == blurred
+    assert np.flatnonzero(st == "born").tolist() == born
+    assert set(np.flatnonzero(st == "dead").tolist()) == set(range(40, 48)) - set(born)
+    # fractions over the 40 reference-alive latents; CI brackets the point value
+    f = rep.fractions
+    assert f["survived"].value == pytest.approx(34 / 40) and f["died"].value == pytest.approx(3 / 40)
+    for fr in f.values():
+        assert fr.lo <= fr.value + 1e-12 and fr.value <= fr.hi + 1e-12
+    # Pearson and Jaccard written another way (numpy, dense codes)
+    with torch.no_grad():  # dense codes, the straightforward way
+        a = sae.encode(acts_ref).double().numpy()
+        b = sae.encode(cq @ sae.W_dec.detach()).double().numpy()
+    for i in [0, 20, 21]:
+        assert rep.pearson[i].item() == pytest.approx(np.corrcoef(a[:, i], b[:, i])[0, 1], abs=1e-5)
+        fa, fb = a[:, i] > 0, b[:, i] > 0
+        assert rep.firing_jaccard[i].item() == pytest.approx((fa & fb).sum() / (fa | fb).sum())
+        assert rep.magnitude_ratio[i].item() == pytest.approx(b[fa & fb, i].sum() / a[fa & fb, i].sum(), rel=1e-5)
+    # the threshold curve is non-increasing, and equals the status fraction at the default threshold
+    assert all(x >= y for x, y in zip(rep.curve, rep.curve[1:]))
+    assert rep.curve[rep.curve_thresholds.index(0.8)] == pytest.approx(f["survived"].value)
+
+
+def test_save_load_roundtrip(planted, tmp_path):
+    sae, _, acts = planted
+    rep = feature_survival(sae, acts[:500], acts[:500], n_bootstrap=5, label="x")
+    back = SurvivalReport.load(rep.save(tmp_path / "s"))
+    assert back.status == rep.status and torch.equal(back.pearson.nan_to_num(7), rep.pearson.nan_to_num(7))
+    assert back.fractions == rep.fractions and "survived" in repr(back)
+
+
+def test_running_topk_equals_dense_sort():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1000, 37, generator=g) * (torch.rand(1000, 37, generator=g) < 0.3)
+    top = RunningTopK(37, 9)
+    for s in range(0, 1000, 128):
+        top.update(x[s:s + 128], s, keep=x[s:s + 128] > 0)
+    dense = x.T.sort(dim=1, descending=True)
+    assert torch.equal(top.values, dense.values[:, :9])
+    assert torch.equal(x.T.gather(1, top.index), dense.values[:, :9])
+
+
+def test_fixed_bin_histogram_matches_numpy():
+    from qsae_lens.survival.streaming import HIST_EDGES
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.exp(torch.randn(500, 6, generator=g) * 2) * (torch.rand(500, 6, generator=g) < 0.5)
+    h = FixedBinHistogram(6)
+    for s in range(0, 500, 77):
+        h.update(x[s:s + 77])
+    for i in range(6):
+        v = x[:, i][x[:, i] > 0].clamp(HIST_EDGES[0].item(), HIST_EDGES[-1].item() * 0.999).numpy()
+        ref, _ = np.histogram(v, bins=HIST_EDGES.double().numpy())
+        assert h.counts[i].tolist() == ref.tolist()
+    assert int(h.counts.sum()) == int((x > 0).sum())
+
+
+def test_bad_shapes_refused(planted):
+    sae, _, acts = planted
+    with pytest.raises(ValueError, match="same tokens"):
+        feature_survival(sae, acts, acts[:10])
+    assert not math.isnan(feature_survival(sae, acts[:50], acts[:50], n_bootstrap=0).n_tokens)
