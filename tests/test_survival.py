@@ -132,3 +132,73 @@ def test_bad_shapes_refused(planted):
     with pytest.raises(ValueError, match="same tokens"):
         feature_survival(sae, acts, acts[:10])
     assert not math.isnan(feature_survival(sae, acts[:50], acts[:50], n_bootstrap=0).n_tokens)
+
+
+# ----------------------------------------------------------------------------- top examples on the real model
+@pytest.fixture(scope="module")
+def model_fp32(smollm2_path):
+    from qsae_lens.models import load_model
+
+    return load_model(str(smollm2_path), "fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def small_sae():
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=576, d_sae=64, dtype="float32", device="cpu"))
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)  # sparse firing on random directions
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def window_tokens(model_fp32):
+    from qsae_lens.corpus import tokenize_corpus
+
+    ds = tokenize_corpus(model_fp32.tokenizer, "stdlib", context_size=32, max_windows=12, seed=0)
+    return torch.tensor(ds["input_ids"], dtype=torch.long)
+
+
+def test_top_examples_streaming_equals_dense_sort(model_fp32, small_sae, window_tokens):
+    from qsae_lens.activations import special_token_ids
+    from qsae_lens.survival.examples import quantile_examples, top_examples
+
+    hook = "blocks.3.hook_resid_post"
+    ex = top_examples(small_sae, model_fp32, window_tokens, hook_name=hook, k=5, n_samples=8, batch_size=5)
+    with torch.no_grad():  # the dense way: every code stored, masked, sorted
+        _, cache = model_fp32.run_with_cache(window_tokens, names_filter=[hook], stop_at_layer=4)
+        codes = small_sae.encode(cache[hook].reshape(-1, 576))
+    special = torch.isin(window_tokens.reshape(-1), torch.tensor(special_token_ids(model_fp32.tokenizer)))
+    codes[special] = 0
+    dense = codes.T.sort(dim=1, descending=True).values[:, :5]
+    fired = (codes > 0).sum(0)
+    assert torch.equal(ex.fire_count, fired)
+    m = dense > 0
+    assert torch.allclose(ex.top_values[m], dense[m], atol=1e-5)
+    assert torch.allclose(codes.T.gather(1, ex.top_rows.clamp_min(0))[m], dense[m], atol=1e-5)
+    assert ex.n_tokens == int((~special).sum())
+    assert int(ex.hist_counts.sum()) == int(fired.sum())
+    # reservoir entries are real firing entries carrying their own activation
+    i = int(fired.argmax())
+    q = quantile_examples(ex, i, 4)
+    assert [v for v, _ in q] == sorted(v for v, _ in q)
+    for v, r in q:
+        assert codes[r, i].item() == pytest.approx(v, abs=1e-5)
+
+
+def test_logit_lens_reproduces_the_models_logits(model_fp32, window_tokens):
+    """(normalized residual * gain) @ W_U through logit_lens equals the model's own logits: the gain fold is right."""
+    from qsae_lens.survival.examples import logit_lens, unembedding
+
+    W_U, gain = unembedding(model_fp32)
+    assert W_U.shape == (576, model_fp32.cfg.d_vocab) and gain is not None
+    with torch.no_grad():
+        logits, cache = model_fp32.run_with_cache(window_tokens[:1], names_filter=["ln_final.hook_normalized"])
+    normed = cache["ln_final.hook_normalized"][0, 5:8]
+    lens = logit_lens(normed, W_U, gain, n=5)
+    top = logits[0, 5:8].topk(5, dim=1)
+    assert torch.equal(lens.top_ids, top.indices)
+    assert torch.allclose(lens.top_values, top.values, rtol=1e-4, atol=1e-3)
+    assert torch.equal(lens.bottom_ids, logits[0, 5:8].topk(5, dim=1, largest=False).indices)

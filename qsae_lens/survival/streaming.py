@@ -34,10 +34,16 @@ class RunningTopK:
         self.index = torch.full((d_sae, self.k), -1, dtype=torch.long, device=device)
         """Tensor[d_sae, k] int64: global row of each kept score (-1 where fewer than k)."""
 
-    def update(self, scores: Tensor, row0: int, *, keep: Tensor | None = None) -> None:
+    payload: Tensor | None = None
+    """Tensor[d_sae, k] float32 carried along with each kept entry (e.g. the activation when the score
+    is a random key: a uniform reservoir sample), when updates pass ``payload``."""
+
+    def update(self, scores: Tensor, row0: int, *, keep: Tensor | None = None,
+               payload: Tensor | None = None) -> None:
         """Merge a block ``scores: Tensor[b, d_sae]`` whose rows are global rows ``row0 .. row0+b-1``.
 
         ``keep: Tensor[b, d_sae]`` bool (optional): entries that may enter (others are -inf).
+        ``payload: Tensor[b, d_sae]`` (optional): values carried with the kept entries.
         """
         b = scores.shape[0]
         s = scores.float().T  # [d_sae, b]
@@ -49,6 +55,9 @@ class RunningTopK:
         top = vals.topk(min(self.k, vals.shape[1]), dim=1)
         self.values = top.values
         self.index = idx.gather(1, top.indices)
+        if payload is not None:
+            old = self.payload if self.payload is not None else torch.zeros_like(self.values)
+            self.payload = torch.cat([old, payload.float().T], dim=1).gather(1, top.indices)
         self.index = self.index.masked_fill(self.values == -torch.inf, -1)
 
 
