@@ -202,3 +202,30 @@ def test_logit_lens_reproduces_the_models_logits(model_fp32, window_tokens):
     assert torch.equal(lens.top_ids, top.indices)
     assert torch.allclose(lens.top_values, top.values, rtol=1e-4, atol=1e-3)
     assert torch.equal(lens.bottom_ids, logits[0, 5:8].topk(5, dim=1, largest=False).indices)
+
+
+def test_predictor_recovers_a_planted_rule():
+    """Survival planted as a noisy function of one feature: the CV AUC matches the Bayes AUC, its coefficient dominates."""
+    from scipy.stats import norm
+
+    from qsae_lens.survival.predictor import predict_survival, weight_error_alignment
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2000, 3, generator=g, dtype=torch.float64)
+    y = (X[:, 1] + torch.randn(2000, generator=g, dtype=torch.float64)) > 0
+    pred = predict_survival(X, y, ["a", "b", "c"])
+    # Bayes AUC = P(x_pos > x_neg) under the class-conditional laws of x, integrated on a grid
+    # (P(y=1 | x) = Phi(x)): independent of scikit-learn
+    xs = np.linspace(-6, 6, 2001)
+    dens = norm.pdf(xs)
+    p_pos = norm.cdf(xs)  # P(y=1 | x)
+    f_pos, f_neg = dens * p_pos, dens * (1 - p_pos)
+    f_pos, f_neg = f_pos / f_pos.sum(), f_neg / f_neg.sum()
+    bayes = float((f_pos * np.cumsum(f_neg)).sum())
+    assert pred.auc == pytest.approx(bayes, abs=0.03)
+    assert abs(pred.coefficients["b"]) > 5 * max(abs(pred.coefficients["a"]), abs(pred.coefficients["c"]))
+    # weight_error_alignment: an error along a decoder direction gives d_model there, 0 orthogonal to it
+    W = torch.eye(4)
+    e = torch.zeros(4, 3)
+    e[2] = 1.0
+    assert weight_error_alignment(W, [e]).tolist() == [0.0, 0.0, 4.0, 0.0]
