@@ -2,8 +2,9 @@
 
 Every source becomes a local folder with ``config.json`` + safetensors first (hub ids through
 ``huggingface_hub.snapshot_download``, GGUF files through a cached dequantized conversion), so
-every precision takes the same ``AutoModelForCausalLM.from_pretrained`` path with a real
-``BitsAndBytesConfig``. Validation (precision name, device, path, GGUF integrity, architecture)
+every precision takes the same ``AutoModelForCausalLM.from_pretrained`` path: with a real
+``BitsAndBytesConfig`` for bitsandbytes, or in float32 followed by the precision family's own
+quantization of the decoder ``nn.Linear`` weights (see :mod:`qsae_lens.precision`). Validation (precision name, device, path, GGUF integrity, architecture)
 happens before any weights are loaded.
 """
 
@@ -21,7 +22,7 @@ import torch
 
 from qsae_lens.assets import cache_dir, gguf_to_hf_folder, sha256_file
 from qsae_lens.models.architectures import adapter_for
-from qsae_lens.precision import Precision, check_precision_runs_on, parse_precision
+from qsae_lens.precision import Precision, QuantContext, check_precision_runs_on, parse_precision
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "tokenizer*"]
 
@@ -144,31 +145,60 @@ class _DropInt8CastWarning(logging.Filter):
         return "will be cast from" not in record.getMessage()
 
 
+_INT8_CAST_FILTER = _DropInt8CastWarning()
+
+
+def _install_int8_cast_filter() -> None:
+    """Add the filter to bitsandbytes' logger once per process (``addFilter`` ignores a filter object
+    already present, so every int8 load reusing this one instance adds nothing)."""
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_CAST_FILTER)
+
+
 def load_hf_model(
     folder: Path, precision: Precision, device: str, compute_dtype: torch.dtype | None, **hf_kwargs: Any
 ) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` with the precision's BitsAndBytesConfig, in eval mode."""
+    """``AutoModelForCausalLM.from_pretrained`` at ``precision``, in eval mode (see :func:`load_hf_model_with_metadata`)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    context = QuantContext(
+        folder=folder,
+        weights_sha256=weights_sha256(sorted(folder.glob("*.safetensors"))),
+        device=device,
+        tokenizer=AutoTokenizer.from_pretrained(folder),
+    )
+    return load_hf_model_with_metadata(folder, precision, device, compute_dtype, context, **hf_kwargs)[0]
+
+
+def load_hf_model_with_metadata(
+    folder: Path,
+    precision: Precision,
+    device: str,
+    compute_dtype: torch.dtype | None,
+    context: QuantContext,
+    **hf_kwargs: Any,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``AutoModelForCausalLM.from_pretrained`` with the precision family's loading arguments, in eval mode.
+
+    bitsandbytes quantizes during ``from_pretrained``; the fake-quantized and calibrated families
+    load float32 and then rewrite the decoder ``nn.Linear`` weights (``family.after_load``), whose
+    extra metadata (calibration hash, ...) is returned beside the model.
+    """
     from transformers import AutoModelForCausalLM
 
+    family = precision.family
     kwargs: dict[str, Any] = {"use_safetensors": True}
-    if precision.is_quantized:
-        kwargs.update(
-            quantization_config=precision.bnb_config(device, compute_dtype),
-            device_map=device,
-            # non-quantized parameters (embeddings, norms) in the compute dtype the kernels use
-            dtype=precision.compute_dtype(device, compute_dtype),
-        )
-        if precision.name == "int8":
-            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastWarning())
-    else:
-        kwargs["dtype"] = precision.weight_dtype()
+    kwargs.update(family.hf_load_kwargs(precision.spec, device, compute_dtype))
+    if precision.name == "int8":
+        _install_int8_cast_filter()
     kwargs.update(hf_kwargs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*generation flags.*")
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if not precision.is_quantized:
+    if family.moves_to_device(precision.spec):
         model = model.to(device)
-    return model.eval()
+    model = model.eval()
+    return model, family.after_load(model, precision.spec, context)
 
 
 def load_model(
@@ -182,9 +212,12 @@ def load_model(
     """Load a causal LM at ``precision`` behind TransformerLens hook names.
 
     ``name_or_path``: a hub id, a local Hugging Face folder, or a ``.gguf`` file (dequantized once
-    into a cached folder, then quantized like any other model). ``precision``: fp32, fp16, bf16,
-    int8, nf4, nf4-dq, fp4 (bitsandbytes kernels for the last four). ``compute_dtype`` overrides the
-    4-bit compute dtype (default float32 on CPU, bfloat16 on CUDA). Extra keyword arguments go to
+    into a cached folder, then quantized like any other model). ``precision``: any registered name
+    (``qsae_lens.precision.registered_names()``): fp32, fp16, bf16; int8, nf4, nf4-dq, fp4
+    (bitsandbytes kernels); ``rtn-w{2..8}[-g{N}][-asym]``, ``gguf-{type}``, ``gptq-w4``, ``awq-w4``
+    (fake-quantized weights, float32 compute); ``hqq-*``, ``quanto-*``, ``torchao-*`` (their own
+    layers, optional extras). ``compute_dtype`` overrides the compute dtype (bitsandbytes default:
+    float32 on CPU, bfloat16 on CUDA). Extra keyword arguments go to
     ``from_pretrained``. Returns a :class:`~qsae_lens.models.hooked.HookedQuantizedLM`.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -199,9 +232,12 @@ def load_model(
     adapter = adapter_for(config.model_type)
 
     metadata = prec.metadata(dev, compute_dtype)
-    metadata.update(model_source=source, weights_sha256=weights_sha256(weight_files), device=dev)
-    hf_model = load_hf_model(folder, prec, dev, compute_dtype, **hf_kwargs)
+    digest = weights_sha256(weight_files)
+    metadata.update(model_source=source, weights_sha256=digest, device=dev)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    context = QuantContext(folder=folder, weights_sha256=digest, device=dev, tokenizer=tokenizer)
+    hf_model, extra = load_hf_model_with_metadata(folder, prec, dev, compute_dtype, context, **hf_kwargs)
+    metadata.update(extra)
     model_name = Path(source).name if Path(source).exists() else source
     return HookedQuantizedLM(
         hf_model,
