@@ -74,9 +74,8 @@ def _synthetic_batches(features: torch.Tensor, seed: int) -> Iterator[torch.Tens
 
 
 def _train_ground_truth(aux: bool, features: torch.Tensor, n_steps: int = 1500):
-    from sae_lens.training.sae_trainer import SAETrainer
-
     from qsae_lens.training import OpenAITopKTrainingSAE, OpenAITopKTrainingSAEConfig
+    from qsae_lens.training import UnitNormSAETrainer as SAETrainer
 
     cfg = OpenAITopKTrainingSAEConfig(
         d_in=D,
@@ -296,9 +295,8 @@ def test_registration_is_idempotent():
 def test_sae_trainer_resume_reproduces_uninterrupted_run(tmp_path, one_thread):
     """SAELens's resume path (trainer state + load_weights_from_checkpoint, as the runner does)
     continues an openai_topk run bit-for-bit, dead-latent window and aux loss included."""
-    from sae_lens.training.sae_trainer import SAETrainer
-
     from qsae_lens.training import OpenAITopKTrainingSAE, OpenAITopKTrainingSAEConfig
+    from qsae_lens.training import UnitNormSAETrainer as SAETrainer
 
     features = _true_features()
     batches = list(itertools.islice(_synthetic_batches(features, seed=7), 60))
@@ -574,23 +572,75 @@ def test_gated_weight_sharing_frozen_aux_and_inference_match_saelens():
         assert torch.equal(reference.decode(z), sae.decode(z))
 
 
+# --------------------------------------------------------------------------- process state
+
+
+def test_unit_norm_hook_belongs_to_the_training_optimizer(one_thread):
+    """Two SAEs trained in one process: only the openai_topk decoder (trained by its own
+    UnitNormSAETrainer) is renormalised after steps; no process-wide optimizer hook exists; an
+    unrelated optimizer stepping that same decoder later is not hooked."""
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+    from torch.optim import optimizer as optim_mod
+
+    from qsae_lens.training import OpenAITopKTrainingSAE, OpenAITopKTrainingSAEConfig, UnitNormSAETrainer
+
+    features = _true_features()
+    batches = list(itertools.islice(_synthetic_batches(features, seed=3), 30))
+    ours = OpenAITopKTrainingSAE(OpenAITopKTrainingSAEConfig(d_in=D, d_sae=D_SAE, k=TOPK, init_seed=0))
+    UnitNormSAETrainer(_trainer_cfg(30, BATCH, 3e-3), ours, iter(batches)).fit()
+    plain = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=D_SAE, k=TOPK, rescale_acts_by_decoder_norm=False))
+    SAETrainer(_trainer_cfg(30, BATCH, 3e-3), plain, iter(batches)).fit()
+
+    assert not optim_mod._global_optimizer_post_hooks and not optim_mod._global_optimizer_pre_hooks
+    assert (ours.W_dec.detach().norm(dim=-1) - 1).abs().max() < 1e-5
+    assert (plain.W_dec.detach().norm(dim=-1) - 1).abs().max() > 1e-2  # SAELens's own: rows drift freely
+
+    # A user's own optimizer on the trained decoder: a plain SGD step, nothing renormalised after it.
+    sgd = torch.optim.SGD([ours.W_dec], lr=1.0)
+    ours.W_dec.grad = torch.ones_like(ours.W_dec)  # set directly: no backward, so no gradient hook
+    expected = ours.W_dec.detach() - 1.0
+    sgd.step()
+    torch.testing.assert_close(ours.W_dec.detach(), expected, rtol=0, atol=0)
+
+
+def test_plain_saetrainer_gets_unit_norm_rows_at_every_forward_and_at_save(tmp_path, one_thread):
+    """Under SAELens's SAETrainer (no hook on its optimizer, as inside the runner) the SAE
+    renormalises its rows itself: every training forward pass sees unit-norm rows, and the saved
+    inference SAE has them."""
+    from sae_lens.training.sae_trainer import SAETrainer
+    from safetensors.torch import load_file
+
+    from qsae_lens.training import OpenAITopKTrainingSAE, OpenAITopKTrainingSAEConfig
+
+    sae = OpenAITopKTrainingSAE(OpenAITopKTrainingSAEConfig(d_in=D, d_sae=D_SAE, k=TOPK, init_seed=1))
+    seen: list[float] = []
+    sae.hook_sae_acts_pre.add_hook(
+        lambda act, hook: seen.append((sae.W_dec.detach().norm(dim=-1) - 1).abs().max().item())
+    )
+    batches = itertools.islice(_synthetic_batches(_true_features(), seed=5), 20)
+    SAETrainer(_trainer_cfg(20, BATCH, 3e-3), sae, batches).fit()
+    assert len(seen) >= 20 and max(seen) < 1e-5, seen
+    sae.save_inference_model(str(tmp_path))
+    w = load_file(str(tmp_path / "sae_weights.safetensors"))["W_dec"]
+    assert (w.norm(dim=-1) - 1).abs().max() < 1e-5
+    assert torch.equal(w, sae.W_dec.detach())
+
+
 # --------------------------------------------------------------------------- logging
 
 
-def test_safe_logging_config_off_without_credentials_offline_with(tmp_path, monkeypatch):
+def test_safe_logging_config_is_off_unless_asked_even_with_credentials(tmp_path, monkeypatch):
+    # the full wandb behaviour (offline runs, no key in outputs) is in tests/test_wandb.py
     from qsae_lens.training import safe_logging_config
-
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "missing-netrc"))
-    assert safe_logging_config().log_to_wandb is False
 
     netrc_file = tmp_path / "netrc"
     netrc_file.write_text("machine api.wandb.ai\n  login user\n  password not-a-real-key\n")
     netrc_file.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc_file))
-    cfg = safe_logging_config(wandb_project="qsae")
-    assert cfg.log_to_wandb is True and cfg.wandb_project == "qsae"
-    assert os.environ["WANDB_MODE"] == "offline"
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    before = dict(os.environ)
     assert safe_logging_config().log_to_wandb is False
+    cfg = safe_logging_config(log_to_wandb=True, wandb_project="qsae")
+    assert cfg.log_to_wandb is True and cfg.wandb_project == "qsae"
+    assert dict(os.environ) == before

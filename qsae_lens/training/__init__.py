@@ -25,10 +25,14 @@ from sae_lens.saes.gated_sae import GatedSAE
 
 from qsae_lens.training.common import (
     PRECISION_METADATA_KEYS,
+    SAE_PROVENANCE_KEYS,
+    WandbSettings,
     attach_precision_metadata,
     geometric_median,
+    renormalize_after_steps,
     safe_logging_config,
 )
+from qsae_lens.training.fit import UnitNormSAETrainer
 from qsae_lens.training.gated import ARCHITECTURE as GATED_FROZEN_AUX
 from qsae_lens.training.gated import (
     GatedFrozenAuxSAEConfig,
@@ -92,12 +96,16 @@ __all__ = [
     "GATED_FROZEN_AUX",
     "OPENAI_TOPK",
     "PRECISION_METADATA_KEYS",
+    "SAE_PROVENANCE_KEYS",
     "GatedFrozenAuxTrainingSAE",
     "GatedFrozenAuxTrainingSAEConfig",
     "OpenAITopKTrainingSAE",
     "OpenAITopKTrainingSAEConfig",
+    "UnitNormSAETrainer",
+    "WandbSettings",
     "attach_precision_metadata",
     "geometric_median",
     "register_architectures",
+    "renormalize_after_steps",
     "safe_logging_config",
 ]

@@ -1,6 +1,6 @@
 """Pieces shared by qsae_lens's SAE architectures: seeded initialisation, the decoder-bias
 initialisation from data (mean / geometric median), unit-norm decoder rows kept through any
-optimizer, precision metadata on SAELens configs, and a wandb logging config that never blocks.
+optimizer, precision metadata on SAELens configs, and wandb logging that is off unless asked.
 
 Nothing here imports SAELens at module level except where a SAELens type is returned, so the
 architectures' files stay the only heavy imports of ``qsae_lens.training``.
@@ -8,9 +8,12 @@ architectures' files stay the only heavy imports of ``qsae_lens.training``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import netrc
 import os
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -21,8 +24,12 @@ if TYPE_CHECKING:
     from sae_lens import LoggingConfig
     from sae_lens.saes.sae import SAE, SAEConfig
 
-#: The exact metadata keys DEVELOPERS.md reserves for precision provenance on an SAE.
-PRECISION_METADATA_KEYS: tuple[str, ...] = (*_MODEL_PRECISION_KEYS, "init_seed")
+#: The SAE provenance keys (DEVELOPERS.md): how the model that produced the SAE's activations was run
+#: (``qsae_lens.precision.PRECISION_METADATA_KEYS``) plus the SAE's ``init_seed``. The one definition,
+#: used by training (written into ``cfg.metadata``) and by the hub (model card, published cfg.json).
+SAE_PROVENANCE_KEYS: tuple[str, ...] = (*_MODEL_PRECISION_KEYS, "init_seed")
+#: The name this tuple had before; the same object.
+PRECISION_METADATA_KEYS = SAE_PROVENANCE_KEYS
 
 BDecInit = Literal["geometric_median", "mean", "zeros"]
 B_DEC_INITS: tuple[str, ...] = ("geometric_median", "mean", "zeros")
@@ -109,13 +116,16 @@ def project_out_parallel(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor
     return grad - parallel * rows
 
 
-# SAELens's SAETrainer (and LanguageModelSAETrainingRunner around it) offers no SAE method between
-# ``loss.backward()`` and ``optimizer.step()``, nor after the step. So: the projection is a gradient
-# hook on W_dec (it runs when backward produces W_dec's gradient, before clipping and the step), and
-# the renormalisation is a global optimizer post-step hook that acts only on parameters flagged
-# here. Both work unchanged under SAETrainer, MultiSAETrainer or a hand-written loop.
+# SAELens's SAETrainer offers no SAE method between ``loss.backward()`` and ``optimizer.step()``,
+# nor after the step. So: the projection is a gradient hook on W_dec (it runs when backward produces
+# W_dec's gradient, before clipping and the step), and the renormalisation is a step post-hook on the
+# optimizer that trains that SAE (``renormalize_after_steps``; ``UnitNormSAETrainer`` registers it on
+# its own optimizer). Nothing is registered process-wide: another optimizer stepping the same tensor,
+# or another SAE in the same process, is left alone. Under a trainer whose optimizer has no such hook
+# (SAELens's plain SAETrainer inside LanguageModelSAETrainingRunner), the SAE renormalises its rows
+# itself at the start of each training forward pass and before saving (see ``openai_topk``).
 _UNIT_NORM_FLAG = "_qsae_unit_norm_rows"
-_STEP_HOOK_HANDLE: Any = None
+_OPTIMIZER_FLAG = "_qsae_renormalized_after_step"
 
 
 @torch.no_grad()
@@ -124,25 +134,14 @@ def renormalize_rows_(weight: torch.Tensor) -> None:
     weight.div_(weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
-def _renormalize_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if getattr(param, _UNIT_NORM_FLAG, False):
-                renormalize_rows_(param.data)
-
-
 def keep_rows_unit_norm(weight: torch.nn.Parameter, *, renormalize_now: bool = True) -> None:
-    """Keep the rows of ``weight`` unit-norm through training by any torch optimizer.
+    """Mark ``weight``'s rows as unit-norm and keep its gradient tangent to the unit sphere.
 
-    Renormalises now (unless told not to: a loaded checkpoint is left bit-exact), projects the
-    parallel gradient component out in a gradient hook, and renormalises after every optimizer
-    step that updates ``weight``. Idempotent per parameter.
+    Renormalises now (unless told not to: a loaded checkpoint is left bit-exact) and projects the
+    parallel gradient component out in a gradient hook on this tensor. The renormalisation after
+    each step belongs to the optimizer that trains it: :func:`renormalize_after_steps`.
+    Idempotent per parameter.
     """
-    global _STEP_HOOK_HANDLE
-    if _STEP_HOOK_HANDLE is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        _STEP_HOOK_HANDLE = register_optimizer_step_post_hook(_renormalize_after_step)
     if renormalize_now and weight.device.type != "meta":
         renormalize_rows_(weight.data)
     if getattr(weight, _UNIT_NORM_FLAG, False):
@@ -152,6 +151,45 @@ def keep_rows_unit_norm(weight: torch.nn.Parameter, *, renormalize_now: bool = T
     setattr(weight, _UNIT_NORM_FLAG, True)
     if weight.requires_grad:
         weight.register_hook(lambda grad: project_out_parallel(grad, weight.detach()))
+
+
+def unit_norm_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of ``module`` marked by :func:`keep_rows_unit_norm` (e.g. openai_topk's W_dec)."""
+    return [p for p in module.parameters() if getattr(p, _UNIT_NORM_FLAG, False)]
+
+
+def renormalized_by_optimizer(weight: torch.Tensor) -> bool:
+    """True when some optimizer renormalises ``weight``'s rows after each of its steps."""
+    return bool(getattr(weight, _OPTIMIZER_FLAG, False))
+
+
+def renormalize_after_steps(
+    optimizer: torch.optim.Optimizer, weights: list[torch.nn.Parameter]
+) -> torch.utils.hooks.RemovableHandle:
+    """After every step of ``optimizer`` (this instance only), renormalise the rows of ``weights``.
+
+    Each weight must be one ``optimizer`` updates (else ValueError: the hook would never act on it).
+    The hook holds weak references, so it keeps no SAE alive. Returns the handle (``.remove()``).
+    """
+    tracked = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [tuple(w.shape) for w in weights if id(w) not in tracked]
+    if missing or not weights:
+        raise ValueError(
+            f"renormalize_after_steps needs parameters this optimizer updates; got {len(weights)} weight(s), "
+            f"{len(missing)} not in the optimizer (shapes {missing})"
+        )
+    refs = [weakref.ref(w) for w in weights]
+
+    def _renormalize(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for ref in refs:
+            weight = ref()
+            if weight is not None:
+                renormalize_rows_(weight.data)
+
+    handle = optimizer.register_step_post_hook(_renormalize)
+    for weight in weights:
+        setattr(weight, _OPTIMIZER_FLAG, True)
+    return handle
 
 
 # --------------------------------------------------------------------------- metadata and logging
@@ -205,23 +243,85 @@ def wandb_credentials_available() -> bool:
     return bool(auth and auth[2])
 
 
-def safe_logging_config(*, online: bool = False, **kwargs: Any) -> LoggingConfig:
-    """SAELens ``LoggingConfig`` that never blocks on a login prompt or the network.
+def safe_logging_config(*, log_to_wandb: bool = False, **kwargs: Any) -> LoggingConfig:
+    """SAELens ``LoggingConfig`` with wandb logging OFF unless asked (``log_to_wandb=True``).
 
-    Without wandb credentials (or with ``WANDB_MODE=disabled``) logging is off. With them it is
-    on, and wandb runs offline (``WANDB_MODE=offline``; sync later with ``wandb sync``) unless
-    ``online=True`` or WANDB_MODE is already set by the user. ``kwargs`` go to LoggingConfig.
+    Credentials alone (``WANDB_API_KEY``, ``~/.netrc``) never switch logging on: SAELens's bare
+    ``SAETrainer`` logs with ``wandb.log`` but starts no run, so logging switched on behind the
+    user's back broke every training job ("You must call wandb.init() before wandb.log()").
+    When asked, ``LanguageModelSAETrainingRunner`` starts the run itself; for
+    :func:`qsae_lens.training.fit.train_sae_on_activations` pass ``wandb=WandbSettings(...)``.
+    Nothing here changes ``os.environ``. Asking for logging with no credentials and no
+    ``WANDB_MODE`` (offline/disabled) raises instead of leaving wandb to prompt for a login.
+    ``kwargs`` go to LoggingConfig.
     """
     from sae_lens import LoggingConfig
 
-    if "log_to_wandb" in kwargs:
-        raise TypeError(
-            "safe_logging_config decides log_to_wandb itself; build LoggingConfig directly to force it"
+    if log_to_wandb and os.environ.get("WANDB_MODE") == "disabled":
+        log_to_wandb = False
+    if log_to_wandb and not os.environ.get("WANDB_MODE") and not wandb_credentials_available():
+        raise ValueError(
+            "wandb logging was asked for but no wandb credentials were found: run `wandb login`, "
+            "or set WANDB_MODE=offline to log locally (sync later with `wandb sync`)."
         )
-    if os.environ.get("WANDB_MODE") == "disabled" or not wandb_credentials_available():
-        return LoggingConfig(log_to_wandb=False, **kwargs)
-    if online:
-        os.environ["WANDB_MODE"] = "online"
-    else:
-        os.environ.setdefault("WANDB_MODE", "offline")
-    return LoggingConfig(log_to_wandb=True, **kwargs)
+    return LoggingConfig(log_to_wandb=log_to_wandb, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbSettings:
+    """Ask for one wandb run per training job (``train_sae_on_activations(..., wandb=...)``).
+
+    ``mode`` None means: ``$WANDB_MODE`` if set, else "online" with credentials and "offline"
+    without (so a missing login never blocks on a prompt). ``dir`` None means wandb's own
+    default (``$WANDB_DIR`` or the working directory).
+    """
+
+    project: str = "qsae_lens"
+    name: str | None = None
+    config: Mapping[str, Any] | None = None
+    mode: Literal["online", "offline", "disabled"] | None = None
+    dir: str | None = None
+    log_frequency: int = 10
+
+    def resolved_mode(self) -> str:
+        """The mode the run will use (see the class docstring)."""
+        if self.mode is not None:
+            return self.mode
+        env = os.environ.get("WANDB_MODE")
+        if env:
+            return "offline" if env == "dryrun" else env
+        return "online" if wandb_credentials_available() else "offline"
+
+
+@contextlib.contextmanager
+def wandb_run(settings: WandbSettings | None) -> Iterator[Any]:
+    """A wandb run for one training job: started with the settings' project/name/config/mode,
+    finished with exit code 0 on success and 1 on failure (the error is re-raised). Yields the
+    run, or None when ``settings`` is None (logging off: wandb is not imported, nothing is written).
+    """
+    if settings is None:
+        yield None
+        return
+    import wandb
+
+    saved_env = {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}
+    run = wandb.init(
+        project=settings.project,
+        name=settings.name,
+        config=dict(settings.config or {}),
+        mode=settings.resolved_mode(),
+        dir=settings.dir,
+        reinit="finish_previous",  # SAETrainer logs through the module-level wandb.log: this run
+    )
+    failed = True
+    try:
+        yield run
+        failed = False
+    finally:
+        run.finish(exit_code=1 if failed else 0)
+        # wandb.init starts a service process and publishes its socket in os.environ (WANDB_SERVICE)
+        # for the rest of the process: stop it and put the WANDB_* variables back as they were.
+        wandb.teardown(exit_code=1 if failed else 0)
+        for key in [k for k in os.environ if k.startswith("WANDB_") and k not in saved_env]:
+            del os.environ[key]
+        os.environ.update(saved_env)

@@ -11,9 +11,7 @@ optimiser, schedules, dead-latent bookkeeping, sparsity file and save format are
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,16 @@ from sae_lens.constants import SPARSITY_FILENAME
 from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
 from safetensors.torch import save_file
 
-from qsae_lens.training.common import PRECISION_METADATA_KEYS, attach_precision_metadata, safe_logging_config
+from qsae_lens._io import atomic_dir, atomic_write_json
+from qsae_lens.training.common import (
+    SAE_PROVENANCE_KEYS,
+    WandbSettings,
+    attach_precision_metadata,
+    renormalize_after_steps,
+    safe_logging_config,
+    unit_norm_parameters,
+    wandb_run,
+)
 
 LOSS_HISTORY_FILENAME = "loss_history.json"
 
@@ -47,8 +54,23 @@ def shuffled_batches(acts: torch.Tensor, batch_size: int, *, seed: int) -> Itera
             yield acts[perm[start : start + batch_size]]
 
 
-class _LossRecordingTrainer(SAETrainer):
-    """SAELens's trainer, recording the loss terms every ``record_every`` steps for loss curves."""
+class UnitNormSAETrainer(SAETrainer):
+    """SAELens's ``SAETrainer`` whose own optimizer renormalises the SAE's unit-norm decoder rows
+    (those marked by ``keep_rows_unit_norm``, e.g. openai_topk's W_dec) after each of its steps.
+
+    The hook is registered on this trainer's optimizer only (``renormalize_after_steps``), so it
+    acts on no other optimizer or SAE in the process. An SAE with no unit-norm rows trains exactly
+    as under ``SAETrainer``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        weights = unit_norm_parameters(self.sae)
+        self.unit_norm_hook = renormalize_after_steps(self.optimizer, weights) if weights else None
+
+
+class _LossRecordingTrainer(UnitNormSAETrainer):
+    """The unit-norm trainer, recording the loss terms every ``record_every`` steps for loss curves."""
 
     def __init__(self, *args: Any, record_every: int = 10, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -94,6 +116,7 @@ def train_sae_on_activations(
     metadata: dict[str, Any] | None = None,
     b_dec_sample: int = 16384,
     record_every: int = 10,
+    wandb: WandbSettings | None = None,
 ) -> FitResult:
     """Train the registered SAE described by ``sae_cfg`` on ``activations`` (``Tensor[n, d_in]``).
 
@@ -105,6 +128,11 @@ def train_sae_on_activations(
     When ``out_dir`` is given the SAE is saved there as a SAELens checkpoint (cfg.json,
     sae_weights.safetensors, sparsity.safetensors, loss_history.json), written into a temporary
     folder and renamed, so an interrupted run leaves no half-written checkpoint.
+
+    wandb logging is off unless ``wandb`` is given: then this job gets its own wandb run (project,
+    name, config and mode from the settings; the mode defaults to ``$WANDB_MODE``), logged to every
+    ``wandb.log_frequency`` steps and finished on success and on failure. Credentials alone never
+    switch it on, and ``os.environ`` is not changed.
     """
     if activations.shape[-1] != sae_cfg.d_in:
         raise ValueError(
@@ -126,7 +154,7 @@ def train_sae_on_activations(
     if metadata:
         attach_precision_metadata(sae, metadata)  # the precision keys, checked to be plain JSON
         for key, value in metadata.items():  # the rest (hook, model, dataset...) as SAELens's runner sets them
-            if key not in PRECISION_METADATA_KEYS:
+            if key not in SAE_PROVENANCE_KEYS:
                 sae.cfg.metadata[key] = value
 
     trainer_cfg = SAETrainerConfig(
@@ -140,7 +168,7 @@ def train_sae_on_activations(
         device=device,
         dead_feature_window=max(1, min(1000, total_tokens // batch_size // 4)),
         feature_sampling_window=max(1, total_tokens // batch_size),
-        logger=safe_logging_config(),
+        logger=_logging_config(wandb),
     )
     trainer = _LossRecordingTrainer(
         cfg=trainer_cfg,
@@ -148,19 +176,29 @@ def train_sae_on_activations(
         data_provider=shuffled_batches(activations, batch_size, seed=data_seed),
         record_every=record_every,
     )
-    trained = trainer.fit()
+    with wandb_run(wandb):
+        trained = trainer.fit()
     dead_fraction = float(trainer.dead_neurons.float().mean())
 
     path = None
     if out_dir is not None:
         path = Path(out_dir)
-        tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        trained.save_inference_model(str(tmp))
-        save_file({"sparsity": trainer.log_feature_sparsity.contiguous()}, tmp / SPARSITY_FILENAME)
-        (tmp / LOSS_HISTORY_FILENAME).write_text(json.dumps(trainer.loss_history))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with atomic_dir(path, replace=True) as tmp:
+            trained.save_inference_model(str(tmp))
+            save_file({"sparsity": trainer.log_feature_sparsity.contiguous()}, tmp / SPARSITY_FILENAME)
+            atomic_write_json(tmp / LOSS_HISTORY_FILENAME, trainer.loss_history, indent=None)
     return FitResult(sae=trained, path=path, loss_history=trainer.loss_history, dead_fraction=dead_fraction)
+
+
+def _logging_config(wandb: WandbSettings | None) -> Any:
+    """SAELens's LoggingConfig for one job: off without settings; with them, on at their frequency."""
+    if wandb is None:
+        return safe_logging_config()
+    if wandb.resolved_mode() == "disabled":
+        return safe_logging_config()
+    # The run is started by wandb_run with an explicit mode, so no credential check is needed here.
+    from sae_lens import LoggingConfig
+
+    return LoggingConfig(
+        log_to_wandb=True, wandb_project=wandb.project, run_name=wandb.name, wandb_log_frequency=wandb.log_frequency
+    )

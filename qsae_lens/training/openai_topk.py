@@ -16,7 +16,9 @@ hooks and inference conversion) where SAELens departs from the paper:
   that α = 1/32 weighs the two terms as published (``normalized_mse=False`` gives SAELens's
   summed MSE).
 - decoder rows are unit-norm: the gradient component parallel to each row is projected out
-  (gradient hook on W_dec) and rows are renormalised after every optimizer step;
+  (gradient hook on W_dec) and rows are renormalised after every step of the optimizer that
+  trains this SAE (``UnitNormSAETrainer``, used by ``train_sae_on_activations``); under SAELens's
+  plain ``SAETrainer`` the SAE renormalises them itself before each forward pass and before saving;
   the encoder starts as the decoder's transpose; initial weights come from a local generator
   seeded by ``init_seed`` (recorded in the metadata).
 - b_dec starts at the geometric median (or mean) of the first training batch (``b_dec_init``),
@@ -40,6 +42,8 @@ from qsae_lens.training.common import (
     B_DEC_INITS,
     b_dec_from_activations,
     keep_rows_unit_norm,
+    renormalize_rows_,
+    renormalized_by_optimizer,
     resolve_init_seed,
     seeded_unit_rows,
 )
@@ -220,6 +224,10 @@ class OpenAITopKTrainingSAE(TopKTrainingSAE):
         # Cheap flag check; re-attaches the unit-norm hooks when W_dec is a new Parameter
         # (SAELens's load_from_disk assigns loaded tensors, copy.deepcopy drops tensor hooks).
         keep_rows_unit_norm(self.W_dec, renormalize_now=False)
+        if not renormalized_by_optimizer(self.W_dec):
+            # No optimizer renormalises after its steps (SAELens's plain SAETrainer, e.g. inside
+            # LanguageModelSAETrainingRunner): renormalise the rows the previous step moved here.
+            renormalize_rows_(self.W_dec.data)
         if not bool(self.b_dec_initialized):
             self.initialize_b_dec(sae_in)
 
@@ -294,6 +302,12 @@ class OpenAITopKTrainingSAE(TopKTrainingSAE):
 
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        if not renormalized_by_optimizer(self.W_dec) and self.W_dec.device.type != "meta":
+            # Without an optimizer hook the last step's drift is still there: remove it, in place,
+            # so the saved and the in-memory SAE stay the same.
+            renormalize_rows_(self.W_dec.data)
+            if "W_dec" in state_dict:
+                state_dict["W_dec"] = self.W_dec.data
         super().process_state_dict_for_saving_inference(state_dict)
         for name in _TRAINING_BUFFERS:
             state_dict.pop(name, None)
