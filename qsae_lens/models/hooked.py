@@ -382,11 +382,138 @@ class HookedQuantizedLM(HookedRootModule):
             handle.remove()
         raise RuntimeError("stop_at_layer hook never fired: the adapter's layer path does not match the model.")
 
+    # ------------------------------------------------------------------ generation
+    generation_offset: int = 0
+    """During :meth:`generate`: the absolute position (in the left-padded sequence) of the first
+    position of the activations hooks currently see (0 for the prompt pass, then the prefix length).
+    Interventions with ``positions="prompt"|"generated"|slice`` read it; 0 outside generation."""
+    generation_prompt_len: int | None = None
+    """During :meth:`generate`: the padded prompt length (positions ``>=`` it are generated); None outside."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input: str | list[str] | Tensor = "",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = USE_DEFAULT_VALUE,
+        return_type: Literal["input", "str", "tokens"] = "input",
+        seed: int | None = None,
+        verbose: bool = False,
+    ) -> str | list[str] | Tensor:
+        """Sample ``max_new_tokens`` tokens, TransformerLens ``HookedTransformer.generate``'s signature.
+
+        Why here and not HF ``generate``: every active hook (``run_with_hooks``, ``hooks()``, the
+        interventions in :mod:`qsae_lens.interventions`) must apply to the prompt pass (whose keys
+        and values are then cached) and to every new token, with :attr:`generation_offset` telling
+        position-selective hooks where they are. The loop is the HF model's own forward with its KV
+        cache (``past_key_values``), so per-step cost equals HF ``generate``'s (benchmarks/generate_bench.py).
+
+        ``input``: text, a batch of texts (left-padded) or ``Tensor[batch, pos]`` ids (taken as is,
+        no padding). Greedy when ``do_sample=False`` or ``temperature == 0``; else softmax sampling at
+        ``temperature`` after optional ``top_k`` / ``top_p`` (nucleus) filtering, from a
+        ``torch.Generator`` seeded by ``seed``. A sequence that emits EOS (``stop_at_eos``) is
+        continued with EOS; the loop ends when all have. Returns the prompt plus the new tokens:
+        ``Tensor[batch, pos + new]`` for "tokens" (or token input with "input"), else the decoded
+        text(s) without padding. Greedy output with no hooks equals HF ``generate(do_sample=False)``
+        token for token (tests/test_generate.py checks fp32 and nf4).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}.")
+        if return_type not in ("input", "str", "tokens"):
+            raise ValueError(f"return_type must be 'input', 'str' or 'tokens'; got {return_type!r}.")
+        device = self.W_E.device
+        if isinstance(input, Tensor):
+            tokens = input.to(device)
+            tokens = tokens[None] if tokens.ndim == 1 else tokens
+            mask = torch.ones_like(tokens)
+        else:
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side="left")
+            pb = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+            mask = get_attention_mask(self.tokenizer, tokens, pb, padding_side="left").to(device)  # TL's rule
+        eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        greedy = not do_sample or temperature == 0.0
+        gen = torch.Generator(device=device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        elif not greedy:
+            gen.seed()
+        batch, prompt_len = tokens.shape
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        past = None
+        step_input, step_offset = tokens, 0
+        self.generation_prompt_len = prompt_len
+        try:
+            for _ in _progress(range(max_new_tokens), verbose):
+                # Positions from the mask, as HF generate computes them, so left padding does not shift RoPE.
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                self.generation_offset = step_offset
+                out = self.model(
+                    input_ids=step_input,
+                    attention_mask=mask,
+                    position_ids=positions[:, step_offset:],
+                    cache=past,
+                    use_cache=use_past_kv_cache,
+                    logits_to_keep=1,
+                )
+                logits = out.logits[:, -1, :].float()
+                new = _next_token(logits, greedy, temperature, top_k, top_p, gen)
+                if stop_at_eos and eos is not None:
+                    new = torch.where(finished, torch.full_like(new, eos), new)
+                    finished |= new == eos
+                tokens = torch.cat([tokens, new[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                if use_past_kv_cache:
+                    past = out.past_key_values
+                    step_input, step_offset = new[:, None], tokens.shape[1] - 1
+                else:
+                    step_input = tokens
+                if stop_at_eos and bool(finished.all()):
+                    break
+        finally:
+            self.generation_offset, self.generation_prompt_len = 0, None
+        if return_type == "tokens" or (return_type == "input" and isinstance(input, Tensor)):
+            return tokens
+        texts = [self.tokenizer.decode(row[m.bool()].tolist(), clean_up_tokenization_spaces=False)
+                 for row, m in zip(tokens, mask)]
+        return texts[0] if isinstance(input, str) else texts
+
     def __repr__(self) -> str:
         return (
             f"HookedQuantizedLM({self.cfg.model_name!r}, precision={self.precision.name}, "
             f"n_layers={self.cfg.n_layers}, d_model={self.cfg.d_model}, device={self.cfg.device})"
         )
+
+
+def _progress(steps: range, verbose: bool) -> Any:
+    if not verbose:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc="generate")
+
+
+def _next_token(logits: Tensor, greedy: bool, temperature: float, top_k: int | None, top_p: float | None,
+                gen: torch.Generator) -> Tensor:
+    """Next ids ``Tensor[batch]`` from last-position ``logits`` ``Tensor[batch, d_vocab]`` (float32)."""
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
 def _dtype_or_none(metadata: dict[str, Any]) -> torch.dtype | None:
