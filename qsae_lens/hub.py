@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sae_lens import SAE
 
+from qsae_lens._io import atomic_dir, atomic_write_json, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 # The two files every SAELens SAE folder holds (sae_lens.constants): copied here so validating a
@@ -113,6 +115,91 @@ def _validate_sae_folder(path: Path, sae_id: str) -> dict[str, Any]:
     return cfg
 
 
+def _refuse_links_out(path: Path, sae_id: str) -> None:
+    """Refuse any file in the SAE folder that resolves outside it (a symlink out would have its
+    target's content copied into the upload)."""
+    root = path.resolve()
+    for entry in path.rglob("*"):
+        target = entry.resolve()
+        if target != root and root not in target.parents:
+            raise ValueError(
+                f"SAE {sae_id!r}: {entry} is a link to {target}, outside the SAE folder; publishing copies "
+                "only files inside it. Replace the link with the file itself."
+            )
+
+
+def check_sae_weights(path: str | Path, cfg: Mapping[str, Any], sae_id: str = "SAE") -> None:
+    """Load every tensor of the folder's weights and check it before anything is staged.
+
+    The safetensors file must load whole (a truncated file fails here), every floating tensor must
+    be finite, and ``W_enc``/``W_dec``/``b_enc``/``b_dec`` (where present) must have the shapes
+    cfg.json's ``d_in``/``d_sae`` imply; ``W_dec`` must be present. Reads one tensor at a time, so
+    memory stays at the largest tensor. Also reads ``sparsity.safetensors`` when there is one.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (d_in, d_sae)):
+        raise ValueError(
+            f"SAE {sae_id!r}: {path / SAE_CFG_FILENAME} must give positive integer d_in and d_sae, "
+            f"got d_in={d_in!r}, d_sae={d_sae!r}."
+        )
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    for name in (SAE_WEIGHTS_FILENAME, "sparsity.safetensors"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+                for key in keys:
+                    tensor = f.get_tensor(key)
+                    if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                        raise ValueError(
+                            f"SAE {sae_id!r}: {file} tensor {key!r} holds NaN or Inf values; refusing to "
+                            "publish a broken SAE (retrain it or load the right checkpoint)."
+                        )
+                    if name == SAE_WEIGHTS_FILENAME and key in expected and tuple(tensor.shape) != expected[key]:
+                        raise ValueError(
+                            f"SAE {sae_id!r}: {file} tensor {key!r} has shape {tuple(tensor.shape)}, but cfg.json "
+                            f"(d_in={d_in}, d_sae={d_sae}) implies {expected[key]}: the weights and config disagree."
+                        )
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ValueError(
+                f"SAE {sae_id!r}: {file} cannot be read as safetensors ({type(err).__name__}: {err}); "
+                "it is truncated or not a safetensors file."
+            ) from None
+        if name == SAE_WEIGHTS_FILENAME and "W_dec" not in keys:
+            raise ValueError(f"SAE {sae_id!r}: {file} has no W_dec tensor (found {sorted(keys)}).")
+
+
+def _looks_local(value: str) -> bool:
+    return os.path.isabs(value) or value.startswith(("~", "./", "../")) or (
+        os.sep in value and Path(value).expanduser().exists()
+    )
+
+
+def portable_cfg(cfg: Mapping[str, Any], base_model: str | None = None) -> dict[str, Any]:
+    """cfg.json as it is published: no local paths in its provenance.
+
+    ``metadata.model_source`` and ``metadata.model_name``, when they name a local path, become the
+    hub id ``base_model`` when given, else the folder's (or file's) basename; ``weights_sha256``,
+    kept alongside, identifies the weights exactly. Any other absolute path among the metadata's
+    string values becomes its basename. Everything else is unchanged.
+    """
+    out = json.loads(json.dumps(cfg))
+    meta = out.get("metadata")
+    if not isinstance(meta, dict):
+        return out
+    for key, value in list(meta.items()):
+        if not isinstance(value, str) or not _looks_local(value):
+            continue
+        name = Path(value.rstrip("/")).name
+        meta[key] = base_model if base_model and key in ("model_source", "model_name") else name
+    return out
+
+
 def discover_sae_folders(folder: str | Path) -> dict[str, Path]:
     """``{sae_id: path}`` for FOLDER holding one SAE folder (cfg.json inside) or several sub-folders.
 
@@ -153,14 +240,30 @@ def _import_architectures() -> None:
 
 
 def _flatten(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Nested eval dicts (SAELens's run_evals groups metrics) -> one flat dict, inner keys winning."""
+    """Eval metrics (SAELens ``run_evals`` nested groups, the sweep's flattened ``group/metric`` file,
+    or a flat dict) -> ``{metric: number}`` keyed by the full ``group/metric`` name and by the bare
+    metric name (inner keys winning), through the sweep's own flattening."""
     out: dict[str, Any] = {}
-    for key, value in (mapping or {}).items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value))
-        else:
-            out[key] = value
+    for key, value in _flatten_run_evals(mapping or {}).items():
+        out[key] = value
+        out[key.rsplit("/", 1)[-1]] = value
     return out
+
+
+def _flatten_run_evals(metrics: Mapping[str, Any]) -> dict[str, float]:
+    try:
+        from qsae_lens.evals import flatten_run_evals
+    except ImportError:  # pragma: no cover - older checkouts without the shared helper
+        def flatten_run_evals(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+            flat: dict[str, float] = {}
+            for key, value in metrics.items():
+                if isinstance(value, Mapping):
+                    flat.update(flatten_run_evals(value, f"{prefix}{key}/"))
+                elif isinstance(value, (int, float)):
+                    flat[f"{prefix}{key}"] = float(value)
+            return flat
+
+    return flatten_run_evals(metrics)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -282,9 +385,9 @@ def build_model_card(
     """
     from huggingface_hub import ModelCardData
 
-    from qsae_lens.precision import PRECISION_METADATA_KEYS
+    from qsae_lens.training.common import SAE_PROVENANCE_KEYS
 
-    keys = ", ".join(f"`{k}`" for k in (*PRECISION_METADATA_KEYS, "init_seed"))
+    keys = ", ".join(f"`{k}`" for k in SAE_PROVENANCE_KEYS)
     precisions = sorted({str(c.get("metadata", {}).get("precision")) for c in cfgs.values()} - {"None"})
     if base_model is None:  # only a hub id is a valid base_model; local paths are not
         names = {c.get("metadata", {}).get("model_name") for c in cfgs.values()}
@@ -364,9 +467,12 @@ def _stage_into(
             for name in sae_files:
                 if (src / name).is_file():  # copies, never links: the source stays untouched
                     shutil.copyfile(src / name, dest / name)
-        cfgs[sae_id] = _validate_sae_folder(dest, sae_id)
+        cfg = _validate_sae_folder(dest, sae_id)
+        check_sae_weights(dest, cfg, sae_id)  # what is staged is what was checked
+        cfgs[sae_id] = portable_cfg(cfg, base_model)
+        atomic_write_json(dest / SAE_CFG_FILENAME, cfgs[sae_id])
     card = build_model_card(repo_id, cfgs, evals=evals, comparison=comparison, base_model=base_model)
-    (target / CARD_FILENAME).write_text(card, encoding="utf-8")
+    atomic_write_text(target / CARD_FILENAME, card)
 
 
 def stage_saes(
@@ -388,16 +494,8 @@ def stage_saes(
         raise FileExistsError(
             f"stage_dir {stage_dir} already exists and is not empty; remove it or choose another."
         )
-    stage_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{stage_dir.name}.staging-", dir=stage_dir.parent))
-    try:
+    with atomic_dir(stage_dir, replace=stage_dir.exists()) as tmp:  # replaces only an empty folder
         _stage_into(tmp, saes, repo_id, evals=evals, comparison=comparison, base_model=base_model)
-        if stage_dir.exists():
-            stage_dir.rmdir()  # empty (checked above); os.replace cannot rename onto a non-empty folder
-        os.replace(tmp, stage_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stage_dir
 
 
@@ -413,7 +511,9 @@ def _check_inputs(saes: Mapping[str, Any], repo_id: str) -> None:
             continue
         if not isinstance(ref, (str, os.PathLike)):
             raise TypeError(f"SAE {sae_id!r}: expected an SAE or a folder path, got {type(ref).__name__}.")
-        _validate_sae_folder(Path(ref), sae_id)
+        cfg = _validate_sae_folder(Path(ref), sae_id)
+        _refuse_links_out(Path(ref), sae_id)
+        check_sae_weights(Path(ref), cfg, sae_id)
 
 
 # --------------------------------------------------------------------------- token hygiene
@@ -695,25 +795,53 @@ def _read_json(path: Path | None, what: str) -> Any:
         raise ValueError(f"--{what} {path}: cannot read JSON ({err}).") from None
 
 
+def evals_for_saes(raw: Any, sae_ids: list[str]) -> dict[str, dict[str, float]]:
+    """``--evals`` JSON -> ``{sae_id: flat metrics}`` for the card.
+
+    Accepts ``{sae_id: metrics}`` and the sweep's ``saelens_run_evals/run_evals.json``
+    (``{cell label: metrics}``, a label such as ``nf4/L16/s0`` matching the sae_id ``nf4-L16-s0``);
+    metrics may be SAELens's nested ``run_evals`` output or already flat, and go through the
+    sweep's own flattening. Entries for SAEs not being published are ignored; none matching is an error.
+    """
+    if not isinstance(raw, Mapping) or not all(isinstance(v, Mapping) for v in raw.values()):
+        raise ValueError("--evals must be a JSON object {sae_id or sweep cell label: {metric: value}}.")
+    out: dict[str, dict[str, float]] = {}
+    for key, metrics in raw.items():
+        for candidate in (str(key), str(key).replace("/", "-")):
+            if candidate in sae_ids:
+                out[candidate] = _flatten_run_evals(metrics)
+    if raw and not out:
+        raise ValueError(
+            f"--evals: none of its entries ({sorted(raw)[:5]}...) names an SAE being published ({sae_ids}); "
+            "key it by sae_id (a sweep label 'nf4/L16/s0' matches the sae_id 'nf4-L16-s0')."
+        )
+    return out
+
+
 def run_publish_command(args: argparse.Namespace) -> int:
-    """Run ``qsae publish``; errors print one line (never the token) and return exit status 1."""
+    """Run ``qsae publish``. Bad input (folders, weights, JSON files, repo id): one line on stderr and
+    exit status 2; a failure talking to the hub: one line (never the token) and exit status 1."""
     try:
         saes = discover_sae_folders(args.folder)
+        evals = _read_json(args.evals, "evals")
         result = publish_saes(
             saes,
             args.repo_id,
             revision=args.revision,
             private=args.private,
             comparison=_read_json(args.comparison, "comparison"),
-            evals=_read_json(args.evals, "evals"),
+            evals=None if evals is None else evals_for_saes(evals, list(saes)),
             base_model=args.base_model,
             stage_only=args.dry_run,
             stage_dir=args.stage_dir,
             commit_message=args.commit_message,
         )
-    except (HubPublishError, ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+    except HubPublishError as err:
         print(f"qsae publish: error: {err}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError) as err:
+        print(f"qsae publish: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     verb = "staged (dry run, nothing uploaded) in" if args.dry_run else "published to"
     print(f"{len(saes)} SAE(s) {verb} {result}")
     return 0

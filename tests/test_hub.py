@@ -422,3 +422,116 @@ def test_card_from_a_comparison_report_object():
     assert "### resid3-fp32 fp32 vs resid3-nf4 nf4" in card
     assert "| matched_cosine | 0.8123 | [0.79, 0.83] | 0.1377 | 0.0005 |" in card
     assert "- SAEs read different hooks" in card
+
+
+# --------------------------------------------------------------------------- weights checked before staging
+
+
+def _corrupt(kind: str, folder: Path, outside: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "sae_weights.safetensors"
+    if kind == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif kind == "nan":
+        tensors = load_file(str(weights))
+        tensors["W_dec"][3, 5] = float("nan")
+        save_file(tensors, str(weights))
+    elif kind == "wrong d_in":
+        cfg = json.loads((folder / "cfg.json").read_text())
+        cfg["d_in"] = 24
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+    elif kind == "symlink out":
+        outside.write_bytes(weights.read_bytes())  # valid weights: only the link itself is wrong
+        weights.unlink()
+        weights.symlink_to(outside)
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("truncated", "cannot be read as safetensors"),
+        ("nan", "'W_dec' holds NaN or Inf"),
+        ("wrong d_in", r"'W_dec' has shape \(64, 16\).*d_in=24"),
+        ("symlink out", "outside the SAE folder"),
+    ],
+)
+def test_publish_refuses_broken_weights_and_links_out_before_staging(saes, tmp_path, capsys, kind, message):
+    from qsae_lens.cli import main
+    from qsae_lens.hub import publish_saes
+
+    good, broken = tmp_path / "src" / "good", tmp_path / "src" / "broken"
+    saes["resid3-nf4"].save_model(good)
+    saes["resid3-nf4"].save_model(broken)
+    _corrupt(kind, broken, tmp_path / "elsewhere.safetensors")
+    stage = tmp_path / "stage"
+    with pytest.raises(ValueError, match=message):
+        publish_saes({"a": good, "b": broken}, "my-org/saes", stage_only=True, stage_dir=stage)
+    rc = main(["publish", str(tmp_path / "src"), "my-org/saes", "--dry-run", "--stage-dir", str(stage)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert not stage.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_published_cfg_has_no_local_paths_and_keeps_the_weights_digest(saes, tmp_path):
+    from sae_lens import SAE
+
+    from qsae_lens.hub import publish_saes
+
+    src = tmp_path / "sae"
+    saes["resid3-nf4"].save_model(src)
+    cfg = json.loads((src / "cfg.json").read_text())
+    local_model = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    local_model.mkdir(parents=True)
+    cfg["metadata"].update(model_source=str(local_model), model_name=str(local_model), dataset_path="/data/corpus.txt")
+    (src / "cfg.json").write_text(json.dumps(cfg))
+
+    def staged_cfg(stage: Path, **kw) -> dict:
+        publish_saes({"s": src}, "my-org/saes", stage_only=True, stage_dir=stage, **kw)
+        return json.loads((stage / "s" / "cfg.json").read_text())
+
+    def strings(obj):
+        if isinstance(obj, dict):
+            return [s for v in obj.values() for s in strings(v)]
+        if isinstance(obj, list):
+            return [s for v in obj for s in strings(v)]
+        return [obj] if isinstance(obj, str) else []
+
+    plain = staged_cfg(tmp_path / "st1")
+    assert not [v for v in strings(plain) if v.startswith("/") or str(tmp_path) in v]
+    meta = plain["metadata"]
+    assert meta["model_source"] == meta["model_name"] == "SmolLM2-135M-Instruct"
+    assert meta["dataset_path"] == "corpus.txt" and meta["weights_sha256"] == "0" * 64
+    hub = staged_cfg(tmp_path / "st2", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert hub["metadata"]["model_source"] == hub["metadata"]["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert SAE.load_from_disk(tmp_path / "st2" / "s").cfg.metadata.precision == "nf4"  # still a SAELens folder
+
+
+def test_publish_evals_accepts_the_sweeps_run_evals_file(saes, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from qsae_lens.cli import main
+
+    folder = tmp_path / "run"
+    saes["resid3-nf4"].save_model(folder / "nf4-L3-s0")
+    saes["resid3-fp32"].save_model(folder / "fp32-L3-s0")
+    # the sweep's saelens_run_evals/run_evals.json: cell label -> flattened SAELens run_evals metrics
+    run_evals = {
+        "nf4/L3/s0": {"sparsity/l0": 4.0, "reconstruction_quality/explained_variance": 0.8125,
+                      "model_performance_preservation/ce_loss_score": 0.9375},
+        "fp32/L3/s0": {"sparsity": {"l0": 7.5}, "reconstruction_quality": {"explained_variance": 0.875}},
+        "int8/L3/s0": {"sparsity/l0": 1.0},  # not published: ignored
+    }
+    (tmp_path / "run_evals.json").write_text(json.dumps(run_evals))
+    stage = tmp_path / "stage"
+    rc = main(["publish", str(folder), "my-org/saes", "--dry-run", "--stage-dir", str(stage),
+               "--evals", str(tmp_path / "run_evals.json")])
+    assert rc == 0
+    card = ModelCard.load(stage / "README.md").text
+    nf4, fp32 = _card_table(card, "nf4-L3-s0"), _card_table(card, "fp32-L3-s0")
+    assert (nf4["L0"], nf4["explained variance"], nf4["CE loss recovered"]) == ("4", "0.8125", "0.9375")
+    assert (fp32["L0"], fp32["explained variance"]) == ("7.5", "0.875")
