@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -229,3 +230,55 @@ def test_predictor_recovers_a_planted_rule():
     e = torch.zeros(4, 3)
     e[2] = 1.0
     assert weight_error_alignment(W, [e]).tolist() == [0.0, 0.0, 4.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- the sweep step, end to end
+@pytest.mark.slow  # two real models, real caches, the atlas: ~1-2 min of CPU
+def test_sweep_step_runs_and_reuses(smollm2_path, tmp_path):
+    from types import SimpleNamespace
+
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from qsae_lens.activations import cache_activations
+    from qsae_lens.corpus import tokenize_corpus
+    from qsae_lens.models import load_model
+    from qsae_lens.precision import parse_precision
+    from qsae_lens.sweep.plan import CellKey, CoreResults, SweepPlan
+    from qsae_lens.sweep.steps import survival as step
+
+    layer, precs = 1, ("fp32", "int8")
+    cells = tuple(CellKey(p, layer, 0) for p in precs)
+    plan = SweepPlan(config=SimpleNamespace(n_bootstrap=20), out_dir=tmp_path, model_path=str(smollm2_path), n_layers=30,
+                     layers=(layer,), hook="hook_resid_post", precisions=tuple(parse_precision(p) for p in precs),
+                     baseline="fp32", seeds=(0,), cells=cells, device="cpu")
+    models = {p: load_model(str(smollm2_path), p, device="cpu") for p in precs}
+    ds = tokenize_corpus(models["fp32"].tokenizer, "stdlib", context_size=32, max_windows=10, seed=1)
+    saes = {}
+    for i, c in enumerate(cells):
+        cache_activations(models[c.precision], ds, [plan.hook_name(layer)],
+                          tmp_path / "activations" / c.precision / "eval" / f"layers{layer}", progress=False)
+        torch.manual_seed(i)
+        sae = StandardSAE(StandardSAEConfig(d_in=576, d_sae=48, dtype="float32", device="cpu")).eval()
+        with torch.no_grad():
+            sae.b_enc.fill_(-0.3)
+        sae.save_model(c.dir(tmp_path))
+        saes[c] = sae
+    core = CoreResults(models=models, tokenizer=models["fp32"].tokenizer,
+                       eval_tokens=torch.tensor(ds["input_ids"]), saes=saes, max_norms={})
+    step.ATLAS_LATENTS, step.ATLAS_WINDOWS = 6, 6
+    res = step.run_step(plan, core)
+    rep = res.reports["int8/L1"]
+    # independent check of the stored result: recompute Pearson of one alive latent densely
+    from qsae_lens.activations import load_activations
+
+    a = saes[cells[0]].encode(load_activations(plan.cache_dir("fp32", "eval", layer), plan.hook_name(layer))).detach()
+    b = saes[cells[0]].encode(load_activations(plan.cache_dir("int8", "eval", layer), plan.hook_name(layer))).detach()
+    i = int((a > 0).sum(0).argmax())
+    assert rep.pearson[i].item() == pytest.approx(np.corrcoef(a[:, i].double(), b[:, i].double())[0, 1], abs=1e-5)
+    assert "int8/L1" in res.transposed and (tmp_path / res.atlas[1]).is_file()
+    sec = step.report_section(res)
+    assert sec.key == "survival" and "int8/L1" in sec.markdown and "<table>" in sec.html
+    json.dumps(sec.data)
+    stamp = (tmp_path / "survival" / "int8" / "layer1" / "_done.json").stat().st_mtime_ns
+    step.run_step(plan, core)  # same inputs: reused, not recomputed
+    assert (tmp_path / "survival" / "int8" / "layer1" / "_done.json").stat().st_mtime_ns == stamp
