@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from qsae_lens.layers import probe_layers
+from qsae_lens._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from qsae_lens.layers import parse_layers_arg, probe_layers, resolve_layers
 
 if TYPE_CHECKING:
     import datasets
@@ -222,12 +223,6 @@ def _tokens_sha256(source: Any, column: str | None, n: int, chunk: int = 4096) -
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _json_default(obj: Any) -> Any:
     return str(obj)  # precision metadata is plain JSON by contract; be lenient with e.g. torch.dtype
 
@@ -389,7 +384,7 @@ def cache_activations(
         raise ValueError(f"dtype must be 'float32' or 'float16' (arrow has no bfloat16), got {dtype!r}.")
     if batch_size < 1 or (batches_per_shard is not None and batches_per_shard < 1):
         raise ValueError("batch_size and batches_per_shard must be positive.")
-    if max_tokens is not None and max_tokens < 1:
+    if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
         raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens}.")
     hooks = [hook_names] if isinstance(hook_names, str) else list(dict.fromkeys(hook_names))
     if not hooks:
@@ -410,7 +405,12 @@ def cache_activations(
     if n_total == 0:
         raise ValueError("The dataset holds no windows: nothing to cache.")
     ctx = _token_rows(source, column, 0, 1).shape[1]
-    n_windows = n_total if max_tokens is None else min(n_total, max(1, max_tokens // ctx))
+    if max_tokens is not None and max_tokens < ctx:
+        raise ValueError(
+            f"max_tokens={max_tokens} is less than one window of {ctx} tokens: nothing would be cached "
+            f"(raise max_tokens to at least {ctx}, or use shorter windows)."
+        )
+    n_windows = n_total if max_tokens is None else min(n_total, max_tokens // ctx)
     model_cfg = getattr(model, "cfg", None)
     if batches_per_shard is None:
         d_model = int(getattr(model_cfg, "d_model", 1024))
@@ -453,9 +453,10 @@ def cache_activations(
                 "aggregation or batching). Resume it with the same arguments, or delete it to start over."
             )
     else:
-        _atomic_write_text(partial / _RUN, json.dumps(signature, indent=2))
+        atomic_write_text(partial / _RUN, json.dumps(signature, indent=2))
     for stale in partial.glob(".tmp-*"):  # leftovers of a write that was interrupted
         stale.unlink()
+    remove_stale_temporaries(partial)
 
     n_batches = math.ceil(n_windows / batch_size)
     n_shards = math.ceil(n_batches / batches_per_shard)
@@ -503,7 +504,7 @@ def _write_shard(
 ) -> None:
     import datasets
     from datasets.arrow_writer import ArrowWriter
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_save
 
     rows: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     token_rows: list[torch.Tensor] = []
@@ -551,8 +552,9 @@ def _write_shard(
         "d_in": json.dumps(hook_dims),
     }
     stats_path = partial / f"stats-{shard:05d}.safetensors"
-    save_file(stat_tensors, str(partial / f".tmp-{stats_path.name}"), metadata=meta)
-    os.replace(partial / f".tmp-{stats_path.name}", stats_path)
+    atomic_write_bytes(stats_path, safetensors_save(stat_tensors, metadata=meta))
+    # The arrow shard is streamed to disk by datasets' ArrowWriter (too large to buffer for
+    # atomic_write_bytes): written under a temporary name and renamed, the same rule by hand.
     arrow_path = partial / f"data-{shard:05d}.arrow"
     tmp = partial / f".tmp-{arrow_path.name}"
     writer = ArrowWriter(features=features, path=str(tmp))
@@ -593,7 +595,7 @@ def _finalize(partial: Path, out: Path, signature: dict[str, Any], n_shards: int
     # The index files `datasets.load_from_disk` (hence SAELens) reads, as Dataset.save_to_disk
     # writes them; written by hand because our shards were written one by one, resumably.
     info = asdict(datasets.DatasetInfo(features=features))
-    _atomic_write_text(partial / "dataset_info.json", json.dumps({k: info[k] for k in sorted(info)}, indent=2))
+    atomic_write_text(partial / "dataset_info.json", json.dumps({k: info[k] for k in sorted(info)}, indent=2))
     state = {
         "_data_files": [{"filename": f"data-{s:05d}.arrow"} for s in range(n_shards)],
         "_fingerprint": hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16],
@@ -603,7 +605,7 @@ def _finalize(partial: Path, out: Path, signature: dict[str, Any], n_shards: int
         "_output_all_columns": False,
         "_split": None,
     }
-    _atomic_write_text(partial / "state.json", json.dumps(state, indent=2, sort_keys=True))
+    atomic_write_text(partial / "state.json", json.dumps(state, indent=2, sort_keys=True))
 
     aggregation = signature["aggregation"]
     n_vectors = totals[hooks[0]].count if aggregation == "all" else n_rows
@@ -626,7 +628,7 @@ def _finalize(partial: Path, out: Path, signature: dict[str, Any], n_shards: int
         "stats": {h: totals[h].to_json() for h in hooks},
         "run": signature,
     }
-    _atomic_write_text(partial / MANIFEST, json.dumps(manifest, default=_json_default))
+    atomic_write_text(partial / MANIFEST, json.dumps(manifest, default=_json_default))
     (partial / _RUN).unlink(missing_ok=True)
     if out.exists():
         out.rmdir()  # verified empty by cache_activations; os.replace cannot replace a non-empty dir
@@ -682,23 +684,13 @@ def load_activations(
 # CLI: qsae cache
 
 
-def _parse_layers(text: str) -> str | list[int]:
-    if text.strip().lower() == "probe":
-        return "probe"
-    try:
-        layers = [int(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes 'probe' or integers like '0,4,8', got {text!r}") from None
-    if not layers:
-        raise argparse.ArgumentTypeError("--layers is empty")
-    return layers
-
-
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``qsae cache``."""
     parser.add_argument("--model", default=None, help="HF id, local folder or GGUF file (default: embedded SmolLM2-135M)")
     parser.add_argument("--precision", default="fp32", help="fp32, fp16, bf16, int8, nf4, nf4-dq, fp4")
-    parser.add_argument("--layers", type=_parse_layers, default="probe", help="'probe' (methodology layers) or e.g. '0,4,8'")
+    parser.add_argument(
+        "--layers", default="probe", help="'probe' (methodology layers, the default), 'middle', or e.g. '0,4,8'"
+    )
     parser.add_argument("--hook", default="resid_post", help="hook per layer: resid_post, resid_pre, attn_out, mlp_out")
     parser.add_argument("--corpus", default="stdlib", help="stdlib, shakespeare, or a path to a .txt/.py file or folder")
     parser.add_argument("--context-size", type=int, default=128)
@@ -711,6 +703,9 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+_CACHE_HOOKS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+
+
 def _corpus_arg(text: str) -> str | list[str]:
     from qsae_lens.corpus import CORPORA
 
@@ -721,29 +716,74 @@ def _corpus_arg(text: str) -> str | list[str]:
         return [path.read_text(errors="replace")]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in {".txt", ".py", ".md"})
+        if not files:
+            raise ValueError(f"--corpus {text!r}: the folder holds no .txt, .py or .md files.")
         return [p.read_text(errors="replace") for p in files]
-    raise SystemExit(f"--corpus {text!r} is neither one of {list(CORPORA)} nor an existing file or folder.")
+    raise FileNotFoundError(f"--corpus {text!r} is neither one of {list(CORPORA)} nor an existing file or folder.")
+
+
+def _local_depth(model: str | None) -> int | None:
+    """The number of blocks from a local model folder's config.json (None when not known without loading)."""
+    if model is None:
+        return None
+    config = Path(model).expanduser() / "config.json"
+    try:
+        n = json.loads(config.read_text()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _check_cache_args(args: argparse.Namespace) -> tuple[Any, str, str | list[str]]:
+    """Validate every ``qsae cache`` option before any model is loaded; ValueError says what is wrong.
+
+    Returns (layers spec from :func:`qsae_lens.layers.parse_layers_arg`, hook suffix, corpus)."""
+    from qsae_lens.precision import parse_precision
+
+    parse_precision(args.precision)
+    for flag, value in (("--context-size", args.context_size), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive int, got {value}.")
+    if args.max_tokens < args.context_size:
+        raise ValueError(
+            f"--max-tokens {args.max_tokens} is less than one window (--context-size {args.context_size}): "
+            "nothing would be cached."
+        )
+    hook = args.hook.removeprefix("hook_")
+    if hook not in _CACHE_HOOKS:
+        raise ValueError(f"--hook must be one of {list(_CACHE_HOOKS)}, got {args.hook!r}.")
+    spec = parse_layers_arg(args.layers)
+    depth = _local_depth(args.model)
+    if depth is not None:
+        resolve_layers(spec, depth)  # range errors before the model is loaded
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file; the cache is a folder.")
+    return spec, f"hook_{hook}", _corpus_arg(args.corpus)
 
 
 def run_cache_command(args: argparse.Namespace) -> int:
-    """``qsae cache``: load a model at a precision, tokenize a corpus, cache the probe layers."""
+    """``qsae cache``: load a model at a precision, tokenize a corpus, cache the chosen layers.
+
+    Every option is checked before the model is loaded: bad input prints one line on stderr and
+    returns exit status 2. The layer rule (``probe``, ``middle``, indices) is ``qsae_lens.layers``',
+    the same as ``qsae sweep``'s."""
     from qsae_lens.assets import default_model_path
     from qsae_lens.corpus import tokenize_corpus
     from qsae_lens.models import load_model
 
-    model_path = args.model or str(default_model_path())
-    model = load_model(model_path, precision=args.precision)
-    n_layers = int(model.cfg.n_layers)
-    layers = probe_layers(n_layers) if args.layers == "probe" else args.layers
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise SystemExit(f"--layers {bad} out of range: the model has layers 0..{n_layers - 1}.")
-    hook = args.hook if args.hook.startswith("hook_") else f"hook_{args.hook}"
+    try:
+        spec, hook, corpus_texts = _check_cache_args(args)
+        model_path = args.model or str(default_model_path())
+        model = load_model(model_path, precision=args.precision)
+        layers = resolve_layers(spec, int(model.cfg.n_layers))
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"qsae cache: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     hooks = [f"blocks.{layer}.{hook}" for layer in layers]
-    max_windows = max(1, args.max_tokens // args.context_size)
     dataset = tokenize_corpus(
-        model.tokenizer, _corpus_arg(args.corpus), context_size=args.context_size, max_windows=max_windows, seed=args.seed
-    )
+        model.tokenizer, corpus_texts, context_size=args.context_size,
+        max_windows=args.max_tokens // args.context_size, seed=args.seed,
+    )  # fmt: skip
     name = Path(model_path).name if not args.model else re.sub(r"[^A-Za-z0-9._-]+", "_", args.model)
     corpus = args.corpus if args.corpus in ("stdlib", "shakespeare") else Path(args.corpus).stem
     out = args.out or f"activations/{name}-{args.precision}-{corpus}-{args.aggregation}"

@@ -7,7 +7,10 @@ A and B are SAELens checkpoint folders or hub ids (``release/sae_id`` or ``owner
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -49,8 +52,55 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_output_folder(out: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be written: a file, a folder under a
+    file, or a folder where a file cannot be created (read-only). Creates nothing that stays."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{flag} {out} is a file, not a folder; choose a folder for the report.")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {out}: {existing} is a file, so no folder can be created there.")
+    try:  # os.access says yes to root on a read-only mount; a real probe file does not lie
+        fd, probe = tempfile.mkstemp(prefix=".qsae-write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"{flag} {out}: cannot write in {existing} ({err.strerror}); choose a writable folder."
+        ) from None
+    return out
+
+
+def _check_local_sae(ref: str, flag: str) -> None:
+    """An SAE argument that is unmistakably a local path (absolute, ./, ../, ~) must be a folder."""
+    if not ref.startswith(("/", "./", "../", "~")):
+        return  # may be a hub id ('release/sae_id', 'owner/repo/sae_id'): compare_saes resolves it
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"SAE {flag} {ref}: no such checkpoint folder (a folder holding cfg.json and sae_weights.safetensors)."
+        )
+
+
 def run_compare_command(args: argparse.Namespace) -> int:
-    """Run the comparison, save the report, print the markdown. Returns 0, or 2 on bad input."""
+    """Run the comparison, save the report, print the markdown. Returns 0, 2 on bad input (one line
+    on stderr, checked before any computation where possible), 1 when writing the report fails."""
+    try:
+        check_output_folder(args.out)
+        _check_local_sae(args.a, "a")
+        _check_local_sae(args.b, "b")
+        for flag, value in (("--n-bootstrap", args.n_bootstrap), ("--n-permutations", args.n_permutations)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}.")
+        if args.block_size <= 0:
+            raise ValueError(f"--block-size must be a positive number of latents, got {args.block_size}.")
+    except (ValueError, OSError) as e:
+        print(f"qsae compare: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
     from qsae_lens.compare.api import compare_saes
 
     try:
@@ -74,9 +124,13 @@ def run_compare_command(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"qsae compare: error: {e}", file=sys.stderr)
+        print(f"qsae compare: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    out = report.save(args.out)
+    try:
+        out = report.save(args.out)
+    except OSError as e:
+        print(f"qsae compare: failed: cannot write the report into {args.out} ({e})", file=sys.stderr)
+        return 1
     print(report.to_markdown())
     print(f"\nWrote {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}")
     return 0
@@ -102,7 +156,15 @@ def _read_activation_arg(value: str):
     if path.suffix in (".pt", ".pth"):
         import torch
 
-        x = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            x = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # torch's own message suggests weights_only=False, i.e. running the file's code: never.
+            raise ValueError(
+                f"--activations: {path} holds pickled Python objects besides tensors, which qsae_lens does not "
+                "load (unpickling can run code). Save the tensor as safetensors instead: "
+                "safetensors.torch.save_file({'x': tensor}, 'x.safetensors')."
+            ) from None
         if not isinstance(x, torch.Tensor):
             raise ValueError(
                 f"--activations: {path} holds a {type(x).__name__}, expected one Tensor[n, d_in]"
