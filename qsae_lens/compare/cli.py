@@ -159,7 +159,7 @@ def _read_activation_arg(value: str):
         try:
             x = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            # torch's own message suggests weights_only=False, i.e. running the file's code: never.
+            # torch's own message suggests switching weights_only off, i.e. running the file's code: never.
             raise ValueError(
                 f"--activations: {path} holds pickled Python objects besides tensors, which qsae_lens does not "
                 "load (unpickling can run code). Save the tensor as safetensors instead: "
