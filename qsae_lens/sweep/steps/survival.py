@@ -198,3 +198,69 @@ def report_section(result: SurvivalStepResult) -> ReportSection:
     html = (f"<p>{intro}</p>" + html_table(header, rows) + figure_html(fig)
             + f"<p>Feature atlas:</p><ul>{links_html}</ul>")
     return ReportSection(key=NAME, title="Feature survival (frozen SAE)", order=40, data=data, markdown=md, html=html)
+
+
+# --------------------------------------------------------------------------------------------- `qsae atlas`
+def add_atlas_arguments(parser: Any) -> None:
+    """Options of ``qsae atlas SWEEP_DIR --out DIR``."""
+    parser.add_argument("sweep_dir", help="a finished sweep's output folder (holds sweep_config.json and saes/)")
+    parser.add_argument("--out", required=True, help="folder to write the site into (replaced whole)")
+    parser.add_argument("--layer", type=int, default=None, help="layer (default: the sweep's first layer)")
+    parser.add_argument("--latents", type=int, default=ATLAS_LATENTS, help="latents given a page")
+    parser.add_argument("--windows", type=int, default=ATLAS_WINDOWS, help="held-out windows the examples come from")
+    parser.add_argument("--device", default="cpu")
+
+
+def _plan_from_folder(sweep_dir: Path, device: str) -> Any:
+    """The SweepPlan of a finished sweep, rebuilt from its recorded ``sweep_config.json``."""
+    import dataclasses
+
+    from qsae_lens.sweep.config import SweepConfig
+    from qsae_lens.sweep.run import plan_sweep
+
+    rec_path = sweep_dir / "sweep_config.json"
+    if not rec_path.is_file():
+        raise FileNotFoundError(f"{sweep_dir} has no sweep_config.json: pass the output folder of a finished `qsae sweep`")
+    rec = json.loads(rec_path.read_text())
+    names = {f.name for f in dataclasses.fields(SweepConfig)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.items() if k in names}
+    kw["model"] = rec.get("model_path", kw.get("model"))
+    kw["layers"] = tuple(rec.get("layers_resolved") or kw.get("layers") or ())
+    kw["device"] = device
+    return plan_sweep(SweepConfig(**kw), sweep_dir)
+
+
+def run_atlas_command(args: Any) -> int:
+    """Build the feature atlas of a finished sweep's baseline SAE at one layer, read by every precision."""
+    from qsae_lens.dashboards import build_atlas
+    from qsae_lens.models import load_model
+    from qsae_lens.sweep.data import prepare_data
+    from qsae_lens.sweep.plan import CellKey
+
+    sweep_dir = Path(args.sweep_dir)
+    plan = _plan_from_folder(sweep_dir, args.device)
+    layer = plan.layers[0] if args.layer is None else args.layer
+    if layer not in plan.layers:
+        raise ValueError(f"--layer {layer} is not a layer of this sweep (its layers: {list(plan.layers)})")
+    from sae_lens import SAE
+
+    def _load(p: str) -> Any:
+        d = CellKey(p, layer, plan.seeds[0]).dir(sweep_dir)
+        return SAE.load_from_disk(str(d), device=args.device).eval() if (d / "cfg.json").is_file() else None
+
+    sae = _load(plan.baseline)
+    if sae is None:
+        raise FileNotFoundError(f"no {plan.baseline} SAE for layer {layer} under {sweep_dir / 'saes'}: finish the sweep first")
+    own = {p: s for p in plan.precision_names if p != plan.baseline and (s := _load(p)) is not None}
+    reports = {}
+    for p in own:
+        f = plan.step_dir(NAME) / p / f"layer{layer}" / "frozen"
+        if (f / "survival.json").is_file():
+            reports[p] = SurvivalReport.load(f)
+    tokens = prepare_data(plan).eval_tokens[: args.windows]
+    models = {p: load_model(plan.model_path, p, device=args.device) for p in plan.precision_names}
+    res = build_atlas(sae, models, tokens, plan.hook_name(layer), args.out, reference=plan.baseline,
+                      n_latents=args.latents, reports=reports, own_saes=own, progress=True,
+                      note=f"{plan.baseline} SAE of layer {layer} frozen; the embedded model's fp32 is dequantized Q4_1")
+    print(f"wrote {len(res.latents)} latent pages: {Path(args.out) / 'index.html'}")
+    return 0

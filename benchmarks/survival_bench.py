@@ -1,0 +1,146 @@
+"""Benchmark: streaming survival + top examples vs the straightforward dense approach (store all codes, sort).
+
+Each measurement runs in its own subprocess so its peak resident memory (``ru_maxrss``) is its own.
+The encoder is a fixed random ReLU layer ``relu(x @ W + b)`` with ``d_in = 64`` and a bias chosen so
+~0.4% of latents fire per token (~64 of 16,384, like a TopK-64 SAE): encoding costs the same in both
+approaches, and a small ``d_in`` keeps the benchmark about the bookkeeping, not the matmul.
+Inputs are generated block by block from a seed (reference = x, quantized = x + small noise), so
+the inputs themselves take no memory.
+
+Sections:
+1. dense vs streaming at the same small size (default 4,096 tokens x 16,384 latents): time, peak
+   memory, and agreement of the results (Pearson, statuses, top-k values);
+2. streaming at the large size (default 65,536 tokens x 16,384 latents; ``--tokens 1048576`` for
+   the full 1M): time and peak memory; the dense approach at that size is *extrapolated* from
+   section 1 (memory linear in tokens: ``n * d_sae * 20`` bytes for two code matrices and a sort);
+3. bounded memory at 65,536 latents: streaming peak memory at 4,096 and 16,384 tokens (it should not grow).
+
+Run: ``nice python benchmarks/survival_bench.py`` (about 5 minutes of CPU on 2 idle cores);
+``--tokens 1048576`` for the full-size section 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+D_IN = 64
+
+
+class _Acts:
+    """A lazily generated ``Tensor[n, D_IN]`` (slicing yields rows; the same seed gives the same rows)."""
+
+    def __init__(self, n: int, noise: float, seed: int = 0) -> None:
+        self.n, self.noise, self.seed = n, noise, seed
+        self.shape = torch.Size([n, D_IN])
+        self.ndim = 2
+
+    CHUNK = 1024  # rows are generated in fixed chunks, so any slicing sees the same rows
+
+    def _chunk(self, c: int) -> torch.Tensor:
+        x = torch.randn(self.CHUNK, D_IN, generator=torch.Generator().manual_seed(c))
+        if self.noise:
+            x = x + self.noise * torch.randn(self.CHUNK, D_IN, generator=torch.Generator().manual_seed(10**9 + c))
+        return x
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        s, e, _ = sl.indices(self.n)
+        c0, c1 = s // self.CHUNK, (e - 1) // self.CHUNK + 1
+        x = torch.cat([self._chunk(c) for c in range(c0, c1)])
+        return x[s - c0 * self.CHUNK: e - c0 * self.CHUNK]
+
+
+def _encoder(d_sae: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(D_IN, d_sae)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d_sae, D_IN) / D_IN**0.5)
+        lin.bias.fill_(-2.65)  # P(N(0,1) > 2.65) = 0.4%
+    return torch.nn.Sequential(lin, torch.nn.ReLU()).eval()
+
+
+def _worker(kind: str, n: int, d_sae: int, k: int) -> dict:
+    torch.set_num_threads(2)
+    enc = _encoder(d_sae)
+    ref, q = _Acts(n, 0.0), _Acts(n, 0.1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        if kind == "streaming":
+            from qsae_lens.survival import feature_survival
+            from qsae_lens.survival.examples import ExampleAccumulator
+
+            rep = feature_survival(enc, ref, q, topk=k, n_bootstrap=100)
+            acc = ExampleAccumulator(d_sae, k=k, n_samples=2 * k)
+            block = max(64, 2**24 // d_sae)
+            for s in range(0, n, block):
+                acc.update(enc(ref[s:s + block]), s)
+            ex = acc.result()
+            out = {"pearson": rep.pearson, "status": rep.status, "top": ex.top_values}
+        else:  # dense: every code stored, statistics over the full matrices, a full sort per latent
+            a = torch.cat([enc(ref[s:s + 4096]) for s in range(0, n, 4096)])
+            b = torch.cat([enc(q[s:s + 4096]) for s in range(0, n, 4096)])
+            am, bm = a - a.mean(0), b - b.mean(0)
+            pearson = (am * bm).sum(0) / (am.norm(dim=0) * bm.norm(dim=0))
+            del am, bm
+            fa, fb = a > 0, b > 0
+            jac = (fa & fb).sum(0) / (fa | fb).sum(0).clamp_min(1)
+            top = a.sort(dim=0, descending=True).values[:k].T
+            out = {"pearson": pearson.double(), "jaccard": jac, "top": top}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    torch.save({k_: v for k_, v in out.items() if isinstance(v, torch.Tensor)}, f"/tmp/survival_bench_{kind}_{n}_{d_sae}.pt")
+    return {"kind": kind, "n": n, "d_sae": d_sae, "seconds": dt, "cpu_seconds": cpu,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _run(kind: str, n: int, d_sae: int, k: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--_worker", kind, "--tokens", str(n), "--latents", str(d_sae),
+                          "--k", str(k)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=65536, help="tokens of the large streaming run (section 2)")
+    ap.add_argument("--latents", type=int, default=16384)
+    ap.add_argument("--dense-tokens", type=int, default=4096, help="tokens of the dense vs streaming run (section 1)")
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--skip-65k", action="store_true", help="skip section 3")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._worker:
+        print(json.dumps(_worker(args._worker, args.tokens, args.latents, args.k)))
+        return
+    n0, d = args.dense_tokens, args.latents
+    dense, stream = _run("dense", n0, d, args.k), _run("streaming", n0, d, args.k)
+    a = torch.load(f"/tmp/survival_bench_dense_{n0}_{d}.pt", weights_only=True)
+    b = torch.load(f"/tmp/survival_bench_streaming_{n0}_{d}.pt", weights_only=True)
+    ok = torch.isfinite(a["pearson"]) & torch.isfinite(b["pearson"])
+    m = a["top"] > 0
+    print(f"1. {n0:,} tokens x {d:,} latents (same run)")
+    for r in (dense, stream):
+        print(f"   {r['kind']:9s}: {r['seconds']:7.1f} s wall, {r['cpu_seconds']:7.1f} s CPU, peak RSS {r['peak_rss_gib']:.2f} GiB")
+    print(f"   streaming/dense CPU time {stream['cpu_seconds'] / dense['cpu_seconds']:.2f}x, memory "
+          f"{stream['peak_rss_gib'] / dense['peak_rss_gib']:.2f}x; max |Δ pearson| "
+          f"{(a['pearson'][ok] - b['pearson'][ok]).abs().max():.2e}; top-k values equal: "
+          f"{torch.allclose(a['top'][m], b['top'][m])}")
+    big = _run("streaming", args.tokens, d, args.k)
+    scale = args.tokens / n0
+    base = 0.35  # GiB: interpreter + torch, measured as the idle floor of a worker
+    dense_mem = base + (dense["peak_rss_gib"] - base) * scale
+    print(f"2. {args.tokens:,} tokens x {d:,} latents: streaming {big['seconds']:.1f} s wall, {big['cpu_seconds']:.1f} s CPU, "
+          f"peak RSS {big['peak_rss_gib']:.2f} GiB; dense extrapolated (x{scale:.0f} tokens, linear): "
+          f"~{dense['cpu_seconds'] * scale:.0f} s CPU, ~{dense_mem:.1f} GiB")
+    if not args.skip_65k:
+        r1, r2 = _run("streaming", 4096, 65536, args.k), _run("streaming", 16384, 65536, args.k)
+        print(f"3. 65,536 latents, streaming: peak RSS {r1['peak_rss_gib']:.2f} GiB at 4,096 tokens ({r1['cpu_seconds']:.0f} s CPU), "
+              f"{r2['peak_rss_gib']:.2f} GiB at 16,384 tokens ({r2['cpu_seconds']:.0f} s CPU)")
+
+
+if __name__ == "__main__":
+    main()
