@@ -24,7 +24,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated: {', '.join(BUILTIN_TASKS)}, or sae_probes:<dataset> (extra 'probes')")
     parser.add_argument("--sae", action="append", default=[], metavar="LAYER=FOLDER",
                         help="an SAELens SAE folder for a layer, applied at every precision (repeatable)")
-    parser.add_argument("--n-examples", type=int, default=1200, help="rows per task (classes balanced; speech tasks <= 600)")
+    parser.add_argument("--n-examples", type=int, default=1200, help="rows per task (classes balanced; speech tasks <= 300)")
     parser.add_argument("--cv", type=int, default=5, help="grouped cross-validation folds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")

@@ -12,7 +12,7 @@ so the labels are exact): model tokens are mapped onto ``tokenize`` spans by cha
 Sentence-level task (corpus ``"shakespeare"``):
 
 * ``shakespeare_king`` — is the speaker of a speech a king (heading ``KING ...``)? One row per
-  speech, the mean residual over the speech's first 31 tokens (the heading itself is not shown).
+  speech, the mean residual over the speech's first 23 tokens (the heading itself is not shown).
 
 Types for the control task are the model token ids (token tasks) or the speaker (speech task);
 groups are documents (source files, plays). Classes are balanced exactly by subsampling, so chance is 1/C.
@@ -31,8 +31,8 @@ import numpy as np
 
 TOKEN_CLASSES = ("keyword", "identifier", "operator", "number", "string", "comment")
 BUILTIN_TASKS = ("py_token_class", "py_in_string", "py_keyword", "shakespeare_king")
-SEQUENCE_ROWS = 600
-SEQUENCE_CONTEXT = 32
+SEQUENCE_ROWS = 300
+SEQUENCE_CONTEXT = 24
 
 
 class TaskData(NamedTuple):
@@ -187,27 +187,41 @@ def build_task(name: str, tokenizer: Any, *, n_examples: int = 1200, context: in
     raise ValueError(f"Unknown probing task {name!r}: choose from {list(BUILTIN_TASKS)} or 'sae_probes:<dataset>'.")
 
 
-def sae_probes_task(dataset: str, tokenizer: Any, *, n_examples: int = 4000, context: int = 128,
-                    seed: int = 0) -> TaskData:
-    """A binary dataset shipped inside the ``sae-probes`` wheel (extra ``probes``), one row per text,
-    last-token aggregation as in sae-probes. Each text is its own group and type."""
-    try:
-        from importlib.resources import files
+def sae_probes_task(dataset: str, tokenizer: Any, *, n_examples: int = 1200, context: int = 64,
+                    seed: int = 0, data_dir: Any = None) -> TaskData:
+    """A binary dataset shipped inside the ``sae-probes`` wheel (extra ``probes``), one row per prompt,
+    last-token aggregation as in sae-probes. Each prompt is its own group and type.
 
-        root = files("sae_probes")
+    ``dataset``: the file stem, e.g. ``"5_hist_fig_ismale"``, or its tag without the number
+    (``"hist_fig_ismale"``). The wheel keeps them as ``sae_probes/data/cleaned_data/<n>_<tag>.csv.zst``
+    with columns ``prompt, prompt_len, target``; ``data_dir`` overrides that folder.
+    """
+    import csv
+    import io
+    from pathlib import Path
+
+    try:
+        import zstandard
+        if data_dir is None:
+            from importlib.resources import files
+
+            data_dir = Path(str(files("sae_probes"))) / "data" / "cleaned_data"
     except ModuleNotFoundError as err:
         raise ImportError("sae-probes datasets need the 'probes' extra: pip install 'qsae-lens[probes]'.") from err
-    import csv
-
-    matches = [p for p in root.joinpath("data").rglob("*.csv") if p.stem == dataset or p.stem.startswith(dataset)]
-    if not matches:
-        raise ValueError(f"No sae-probes dataset named {dataset!r} in {root}.")
-    with matches[0].open() as f:
-        records = [(r["prompt"], int(float(r["target"]))) for r in csv.DictReader(f)]
-    labels = np.asarray([t for _, t in records], np.int64)
+    data_dir = Path(data_dir)
+    found = sorted(p for p in data_dir.glob("*.csv.zst")
+                   if p.name[: -len(".csv.zst")] == dataset or p.name[: -len(".csv.zst")].split("_", 1)[-1] == dataset)
+    if not found:
+        raise ValueError(f"No sae-probes dataset {dataset!r} in {data_dir} (names look like '5_hist_fig_ismale').")
+    with found[0].open("rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as z:
+        records = [(r["prompt"], r["target"]) for r in csv.DictReader(io.TextIOWrapper(z, encoding="utf-8"))]
+    classes = sorted({t for _, t in records})
+    if len(classes) != 2:
+        raise ValueError(f"sae-probes dataset {dataset!r} has {len(classes)} classes; only binary ones are supported.")
+    labels = np.asarray([classes.index(t) for _, t in records], np.int64)
     idx = _balanced(labels, n_examples, np.random.default_rng(seed), 2)
     windows = [[tokenizer.bos_token_id, *tokenizer(records[i][0], add_special_tokens=False)["input_ids"][: context - 1]]
                for i in idx]
     pos = np.asarray([len(w) - 1 for w in windows], np.int64)
-    return TaskData(f"sae_probes:{dataset}", "token", ("0", "1"), windows, np.arange(len(idx)), pos,
-                    labels[idx], np.arange(len(idx)), np.arange(len(idx)))
+    return TaskData(f"sae_probes:{found[0].name[: -len('.csv.zst')]}", "token", tuple(classes), windows,
+                    np.arange(len(idx)), pos, labels[idx], np.arange(len(idx)), np.arange(len(idx)))
