@@ -223,6 +223,13 @@ def discover_sae_folders(folder: str | Path) -> dict[str, Path]:
             f"{folder}: sub-folder(s) {missing} have no {SAE_CFG_FILENAME}; every sub-folder must be an SAE "
             "folder written by sae.save_model() (move other folders out)."
         )
+    root = folder.resolve()
+    outside = [p.name for p in subs if root not in p.resolve().parents]
+    if outside:
+        raise ValueError(
+            f"{folder}: sub-folder(s) {outside} are links to folders outside it; publishing copies only what "
+            "the folder holds. Copy those SAE folders in, or publish them by their own path."
+        )
     return {validate_sae_id(p.name): p for p in subs}
 
 

@@ -477,6 +477,16 @@ def test_publish_refuses_broken_weights_and_links_out_before_staging(saes, tmp_p
     assert not stage.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_sub_folder_linked_from_outside_is_refused(saes, tmp_path):
+    from qsae_lens.hub import discover_sae_folders
+
+    saes["resid3-nf4"].save_model(tmp_path / "elsewhere" / "sae")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "linked").symlink_to(tmp_path / "elsewhere" / "sae")
+    with pytest.raises(ValueError, match=r"\['linked'\] are links to folders outside it"):
+        discover_sae_folders(tmp_path / "run")
+
+
 def test_published_cfg_has_no_local_paths_and_keeps_the_weights_digest(saes, tmp_path):
     from sae_lens import SAE
 
