@@ -104,6 +104,53 @@ def _run(kind: str, n: int, d_sae: int, k: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def explainer_check(sae_dir: str, layer: int, n_latents: int = 5, windows: int = 96, ctx: int = 64) -> None:
+    """How good are SmolLM2-135M's labels? Detection balanced accuracy of its own labels on held-out contexts.
+
+    For ``n_latents`` latents of a trained SAE (firing frequency 0.2%-5%): the explainer reads the
+    top 8 contexts; the scorer tells the next 6 activating contexts (top 9-14) from 6 random
+    contexts where the latent is silent.
+    """
+    from sae_lens import SAE
+
+    from qsae_lens.assets import default_model_path
+    from qsae_lens.corpus import tokenize_corpus
+    from qsae_lens.interpret import Context, LocalChatModel, LocalExplainer, LocalScorer, detection_score
+    from qsae_lens.models import load_model
+    from qsae_lens.survival.examples import context_windows, top_examples
+
+    torch.set_num_threads(2)
+    model = load_model(str(default_model_path()), "fp32", device="cpu")
+    sae = SAE.load_from_disk(sae_dir, device="cpu").eval()
+    tokens = torch.tensor(tokenize_corpus(model.tokenizer, "stdlib", context_size=ctx, max_windows=windows, seed=3)["input_ids"])
+    hook = f"blocks.{layer}.hook_resid_post"
+    ex = top_examples(sae, model, tokens, hook_name=hook, k=14, batch_size=8)
+    freq = ex.frequency
+    cand = ((freq > 0.002) & (freq < 0.05)).nonzero().flatten()
+    latents = cand[torch.randperm(len(cand), generator=torch.Generator().manual_seed(0))[:n_latents]].tolist()
+    chat = LocalChatModel()
+    explainer, scorer = LocalExplainer(chat), LocalScorer(chat)
+    g = torch.Generator().manual_seed(1)
+    accs = []
+    for i in latents:
+        rows = [r for r in ex.top_rows[i].tolist() if r >= 0]
+        with torch.no_grad():
+            wins = sorted({r // ctx for r in rows})
+            _, cache = model.run_with_cache(tokens[wins], names_filter=[hook], stop_at_layer=layer + 1)
+            codes = sae.encode(cache[hook].reshape(-1, cache[hook].shape[-1])).reshape(len(wins), ctx, -1)[:, :, i]
+        pos = {w: j for j, w in enumerate(wins)}
+        ctxs = [Context([model.tokenizer.decode([t]) for t in tokens[w, a:b].tolist()], codes[pos[w], a:b].tolist())
+                for w, a, b in context_windows(tokens, rows)]
+        label = explainer.explain(ctxs[:8])
+        act_texts = [c.text for c in ctxs[8:14]]
+        silent = [w for w in torch.randperm(tokens.shape[0], generator=g).tolist() if w not in pos][:6]
+        non_texts = [model.tokenizer.decode(tokens[w, 20:37].tolist()) for w in silent]
+        sc = detection_score(scorer, label, act_texts, non_texts)
+        accs.append(sc.balanced_accuracy)
+        print(f"   latent {i} (freq {float(freq[i]):.3f}): label {label!r}: {sc!r}")
+    print(f"   mean detection balanced accuracy of SmolLM2-135M labels: {sum(accs) / len(accs):.3f} over {len(accs)} latents")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=65536, help="tokens of the large streaming run (section 2)")
@@ -111,10 +158,17 @@ def main() -> None:
     ap.add_argument("--dense-tokens", type=int, default=4096, help="tokens of the dense vs streaming run (section 1)")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--skip-65k", action="store_true", help="skip section 3")
+    ap.add_argument("--explainer-sae", help="also measure SmolLM2's labels (detection) on this trained SAE folder")
+    ap.add_argument("--explainer-layer", type=int, default=16)
+    ap.add_argument("--only-explainer", action="store_true", help="run only the explainer check")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker:
         print(json.dumps(_worker(args._worker, args.tokens, args.latents, args.k)))
+        return
+    if args.explainer_sae and args.only_explainer:
+        print("4. local explainer (SmolLM2-135M-Instruct) on", args.explainer_sae)
+        explainer_check(args.explainer_sae, args.explainer_layer)
         return
     n0, d = args.dense_tokens, args.latents
     dense, stream = _run("dense", n0, d, args.k), _run("streaming", n0, d, args.k)
@@ -140,6 +194,9 @@ def main() -> None:
         r1, r2 = _run("streaming", 4096, 65536, args.k), _run("streaming", 16384, 65536, args.k)
         print(f"3. 65,536 latents, streaming: peak RSS {r1['peak_rss_gib']:.2f} GiB at 4,096 tokens ({r1['cpu_seconds']:.0f} s CPU), "
               f"{r2['peak_rss_gib']:.2f} GiB at 16,384 tokens ({r2['cpu_seconds']:.0f} s CPU)")
+    if args.explainer_sae:
+        print("4. local explainer (SmolLM2-135M-Instruct) on", args.explainer_sae)
+        explainer_check(args.explainer_sae, args.explainer_layer)
 
 
 if __name__ == "__main__":

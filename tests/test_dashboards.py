@@ -88,3 +88,11 @@ def test_atlas_in_headless_chromium(atlas):
         assert urls and all(u.startswith("file://") for u in urls), urls
     finally:
         driver.quit()
+
+
+def test_atlas_cli_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    from qsae_lens.cli import main
+
+    assert main(["atlas", str(tmp_path), "--out", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sweep_config.json" in err and len(err.splitlines()) == 1
