@@ -4,6 +4,16 @@
 ``predict_survival`` (why features die), ``top_examples`` / ``logit_lens`` (what each feature is).
 """
 
+from qsae_lens.survival.examples import (
+    ExampleAccumulator,
+    FeatureExamples,
+    LogitLens,
+    logit_lens,
+    quantile_examples,
+    top_examples,
+    top_examples_from_activations,
+    unembedding,
+)
 from qsae_lens.survival.frozen import (
     STATUSES,
     Fraction,
@@ -12,6 +22,13 @@ from qsae_lens.survival.frozen import (
     feature_survival,
     threshold_curve,
     transposed_survival,
+)
+from qsae_lens.survival.predictor import (
+    SurvivalPredictor,
+    predict_survival,
+    quantization_errors,
+    reference_features,
+    weight_error_alignment,
 )
 from qsae_lens.survival.streaming import HIST_EDGES, FixedBinHistogram, RunningTopK
 
@@ -23,6 +40,19 @@ __all__ = [
     "feature_survival",
     "threshold_curve",
     "transposed_survival",
+    "ExampleAccumulator",
+    "FeatureExamples",
+    "LogitLens",
+    "logit_lens",
+    "quantile_examples",
+    "top_examples",
+    "top_examples_from_activations",
+    "unembedding",
+    "SurvivalPredictor",
+    "predict_survival",
+    "quantization_errors",
+    "reference_features",
+    "weight_error_alignment",
     "HIST_EDGES",
     "FixedBinHistogram",
     "RunningTopK",
