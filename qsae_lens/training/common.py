@@ -1,6 +1,8 @@
 """Pieces shared by qsae_lens's SAE architectures: seeded initialisation, the decoder-bias
-initialisation from data (mean / geometric median), unit-norm decoder rows kept through any
-optimizer, precision metadata on SAELens configs, and wandb logging that is off unless asked.
+initialisation from data (mean / geometric median), unit-norm decoder rows (gradient projection on
+the tensor, renormalisation hooked on the optimizer that trains it, nothing process-wide), the SAE
+provenance keys and precision metadata on SAELens configs, and wandb logging that is off unless
+asked (one real run per training job when it is).
 
 Nothing here imports SAELens at module level except where a SAELens type is returned, so the
 architectures' files stay the only heavy imports of ``qsae_lens.training``.
