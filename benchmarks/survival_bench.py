@@ -151,6 +151,54 @@ def explainer_check(sae_dir: str, layer: int, n_latents: int = 5, windows: int =
     print(f"   mean detection balanced accuracy of SmolLM2-135M labels: {sum(accs) / len(accs):.3f} over {len(accs)} latents")
 
 
+def real_survival(sae_dir: str, layer: int, precisions: tuple[str, ...] = ("int8", "nf4", "fp4"), windows: int = 32,
+                  ctx: int = 128) -> None:
+    """Survival of a trained fp32 SAE on the embedded model at each precision (same held-out tokens), with the predictor."""
+    from sae_lens import SAE
+
+    from qsae_lens.activations import special_token_ids
+    from qsae_lens.assets import default_model_path
+    from qsae_lens.corpus import tokenize_corpus
+    from qsae_lens.models import load_model
+    from qsae_lens.survival import feature_survival, predict_survival, reference_features
+    from qsae_lens.survival.predictor import quantization_errors, weight_error_alignment
+
+    torch.set_num_threads(2)
+    sae = SAE.load_from_disk(sae_dir, device="cpu").eval()
+    hook = f"blocks.{layer}.hook_resid_post"
+    path = str(default_model_path())
+    ref_model = load_model(path, "fp32", device="cpu")
+    tokens = torch.tensor(tokenize_corpus(ref_model.tokenizer, "stdlib", context_size=ctx, max_windows=windows, seed=11)["input_ids"])
+    keep = ~torch.isin(tokens.reshape(-1), torch.tensor(special_token_ids(ref_model.tokenizer)))
+
+    def acts(model):
+        with torch.no_grad():
+            out = [model.run_with_cache(tokens[s:s + 8], names_filter=[hook], stop_at_layer=layer + 1)[1][hook]
+                   for s in range(0, len(tokens), 8)]
+        a = torch.cat(out).reshape(-1, out[0].shape[-1])[keep]
+        norms = a.norm(dim=1)
+        return a, norms
+
+    a_ref, n_ref = acts(ref_model)
+    ok = n_ref <= 10 * n_ref.median()  # the sweep's attention-sink rule (norm > 10x median left out)
+    print(f"5. real survival: fp32 SAE {sae_dir} at {hook}, {int(ok.sum()):,} held-out tokens "
+          "(the embedded fp32 is dequantized Q4_1)")
+    for p in precisions:
+        model = load_model(path, p, device="cpu")
+        a_q, _ = acts(model)
+        rep = feature_survival(sae, a_ref[ok], a_q[ok], label=f"fp32 SAE frozen on {p}")
+        err = weight_error_alignment(sae.W_dec.detach(), quantization_errors(ref_model, model, layer))
+        X, names = reference_features(rep, sae, err_align=err)
+        alive = torch.tensor([s in ("survived", "blurred", "died") for s in rep.status])
+        y = torch.tensor([s == "survived" for s in rep.status])
+        pred = predict_survival(X[alive], y[alive], names)
+        f = rep.fractions
+        print(f"   {p}: survived {f['survived']!r}, blurred {f['blurred']!r}, died {f['died']!r}, counts {rep.counts()}; "
+              f"median r {float(rep.pearson[alive].nanmedian()):.3f}; curve r>=0.5/0.8/0.9/0.95: "
+              f"{rep.curve[10]:.3f}/{rep.curve[16]:.3f}/{rep.curve[18]:.3f}/{rep.curve[19]:.3f}; predictor {pred!r}")
+        del model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=65536, help="tokens of the large streaming run (section 2)")
@@ -161,10 +209,15 @@ def main() -> None:
     ap.add_argument("--explainer-sae", help="also measure SmolLM2's labels (detection) on this trained SAE folder")
     ap.add_argument("--explainer-layer", type=int, default=16)
     ap.add_argument("--only-explainer", action="store_true", help="run only the explainer check")
+    ap.add_argument("--real-sae", help="also measure survival of this trained fp32 SAE folder on the embedded model")
+    ap.add_argument("--only-real", action="store_true", help="run only the real-survival section")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker:
         print(json.dumps(_worker(args._worker, args.tokens, args.latents, args.k)))
+        return
+    if args.real_sae and args.only_real:
+        real_survival(args.real_sae, args.explainer_layer)
         return
     if args.explainer_sae and args.only_explainer:
         print("4. local explainer (SmolLM2-135M-Instruct) on", args.explainer_sae)
@@ -194,6 +247,8 @@ def main() -> None:
         r1, r2 = _run("streaming", 4096, 65536, args.k), _run("streaming", 16384, 65536, args.k)
         print(f"3. 65,536 latents, streaming: peak RSS {r1['peak_rss_gib']:.2f} GiB at 4,096 tokens ({r1['cpu_seconds']:.0f} s CPU), "
               f"{r2['peak_rss_gib']:.2f} GiB at 16,384 tokens ({r2['cpu_seconds']:.0f} s CPU)")
+    if args.real_sae:
+        real_survival(args.real_sae, args.explainer_layer)
     if args.explainer_sae:
         print("4. local explainer (SmolLM2-135M-Instruct) on", args.explainer_sae)
         explainer_check(args.explainer_sae, args.explainer_layer)
