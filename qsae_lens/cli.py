@@ -17,6 +17,8 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("qsae_lens.compare.cli", "compare two SAEs (checkpoint folders or hub ids)"),
     "publish": ("qsae_lens.hub", "publish SAE folders to the Hugging Face hub with a precision-aware card"),
     "cache": ("qsae_lens.activations", "cache a model's activations at one precision for SAELens and compare"),
+    "steer": ("qsae_lens.interventions.cli", "steer a latent or a CAA vector at several precisions; print generations and effects"),
+    "ui": ("qsae_lens.ui.cli", "serve the steering page (two precisions side by side) on localhost"),
     "probe": ("qsae_lens.probing.cli", "probe tasks (with control tasks) on residuals and SAE codes across precisions"),
     "atlas": ("qsae_lens.sweep.steps.survival", "write the offline feature browser of a finished sweep's frozen SAE"),
     "crosscode": ("qsae_lens.sweep.steps.crosscoder", "model diffing: a crosscoder over a sweep's baseline and one precision"),

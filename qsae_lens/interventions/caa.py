@@ -170,3 +170,27 @@ def strength_sweep(model: Any, vector: Tensor, strengths: Sequence[float], promp
         points.append(SweepPoint(float(s), bootstrap_ci(effect, n_resamples=n_resamples, seed=seed),
                                  bootstrap_ci(kl, n_resamples=n_resamples, seed=seed)))
     return StrengthSweep(points, len(prompts))
+
+
+_HEADERS = [
+    "def add(a, b):", "def read_file(path):", "class Stack:\n    def push(self, item):", "def mean(values):",
+    "for i in range(10):", "def parse_args(argv):", "with open(name) as f:", "def fib(n):",
+    "if __name__ == '__main__':", "def normalize(text):", "while queue:", "def area(r):",
+]
+
+CODE_COMMENT_PAIRS: tuple[tuple[str, ...], tuple[str, ...]] = (
+    tuple(f"{h}\n    # " for h in _HEADERS),
+    tuple(f"{h}\n    return " for h in _HEADERS),
+)
+"""Built-in CAA pair set on code: ``(positive, negative)`` prompts that continue a Python line as a
+comment vs as code (same header, last tokens differ). Steering with the resulting vector should
+raise log p("#") - log p("return") after a new indented line (:data:`CODE_COMMENT_TEST_PROMPTS`)."""
+
+CODE_COMMENT_TEST_PROMPTS: tuple[str, ...] = tuple(f"{h}\n    " for h in (
+    "def sub(a, b):", "def write_file(path, text):", "def median(values):", "for j in range(5):",
+    "def main():", "def clean(line):", "try:", "def volume(r, h):",
+))
+"""Held-out prompts ending at an indented new line, where a comment or code may start."""
+
+CODE_COMMENT_TARGET = ("#", "return")
+"""(target, foil) of :func:`logprob_diff_measure` for the code/comment pair set."""
