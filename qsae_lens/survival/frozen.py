@@ -241,9 +241,11 @@ class SurvivalReport:
         out: dict[str, Any] = {
             "label": self.label, "d_sae": self.d_sae, "n_tokens": self.n_tokens, "n_windows": self.n_windows,
             "n_bootstrap": self.n_bootstrap, "thresholds": asdict(self.thresholds),
-            "fractions": {k: v._asdict() for k, v in self.fractions.items()},
+            "fractions": {k: {f: None if x != x else x for f, x in v._asdict().items()}  # NaN -> null (plain JSON)
+                          for k, v in self.fractions.items()},
             "counts": self.counts(),
-            "curve": {"pearson_threshold": self.curve_thresholds, "survived_fraction": self.curve},
+            "curve": {"pearson_threshold": self.curve_thresholds,
+                      "survived_fraction": [None if x != x else x for x in self.curve]},
             "extra": self.extra,
         }
         if per_latent:
@@ -271,8 +273,9 @@ class SurvivalReport:
         meta = json.loads((folder / "survival.json").read_text())
         t = load_file(str(folder / "survival.safetensors"))
         return cls(**{n: t[n] for n in cls._TENSORS}, status=meta["status"],
-                   fractions={k: Fraction(**v) for k, v in meta["fractions"].items()},
-                   curve_thresholds=meta["curve"]["pearson_threshold"], curve=meta["curve"]["survived_fraction"],
+                   fractions={k: Fraction(**{f: math.nan if x is None else x for f, x in v.items()})
+                              for k, v in meta["fractions"].items()},
+                   curve_thresholds=meta["curve"]["pearson_threshold"], curve=[math.nan if x is None else x for x in meta["curve"]["survived_fraction"]],
                    thresholds=SurvivalThresholds(**meta["thresholds"]), n_tokens=meta["n_tokens"],
                    n_windows=meta["n_windows"], n_bootstrap=meta["n_bootstrap"], label=meta["label"],
                    extra=meta.get("extra", {}))
