@@ -10,10 +10,10 @@ the inputs themselves take no memory.
 Sections:
 1. dense vs streaming at the same small size (default 4,096 tokens x 16,384 latents): time, peak
    memory, and agreement of the results (Pearson, statuses, top-k values);
-2. streaming at the large size (default 65,536 tokens x 16,384 latents; ``--tokens 1048576`` for
+2. streaming at a larger size (default 16,384 tokens x 16,384 latents; ``--tokens 1048576`` for
    the full 1M): time and peak memory; the dense approach at that size is *extrapolated* from
    section 1 (memory linear in tokens: ``n * d_sae * 20`` bytes for two code matrices and a sort);
-3. bounded memory at 65,536 latents: streaming peak memory at 4,096 and 16,384 tokens (it should not grow).
+3. bounded memory at 65,536 latents: streaming peak memory at 2,048 and 8,192 tokens (it should not grow).
 
 Run: ``nice python benchmarks/survival_bench.py`` (about 5 minutes of CPU on 2 idle cores);
 ``--tokens 1048576`` for the full-size section 2.
@@ -201,11 +201,13 @@ def real_survival(sae_dir: str, layer: int, precisions: tuple[str, ...] = ("int8
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=65536, help="tokens of the large streaming run (section 2)")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens of the large streaming run (section 2)")
     ap.add_argument("--latents", type=int, default=16384)
     ap.add_argument("--dense-tokens", type=int, default=4096, help="tokens of the dense vs streaming run (section 1)")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--skip-65k", action="store_true", help="skip section 3")
+    ap.add_argument("--tokens-65k", type=lambda v: tuple(int(x) for x in v.split(",")), default=(2048, 8192),
+                    help="the two token counts of section 3 (default 2048,8192)")
     ap.add_argument("--explainer-sae", help="also measure SmolLM2's labels (detection) on this trained SAE folder")
     ap.add_argument("--explainer-layer", type=int, default=16)
     ap.add_argument("--only-explainer", action="store_true", help="run only the explainer check")
@@ -244,9 +246,10 @@ def main() -> None:
           f"peak RSS {big['peak_rss_gib']:.2f} GiB; dense extrapolated (x{scale:.0f} tokens, linear): "
           f"~{dense['cpu_seconds'] * scale:.0f} s CPU, ~{dense_mem:.1f} GiB")
     if not args.skip_65k:
-        r1, r2 = _run("streaming", 4096, 65536, args.k), _run("streaming", 16384, 65536, args.k)
-        print(f"3. 65,536 latents, streaming: peak RSS {r1['peak_rss_gib']:.2f} GiB at 4,096 tokens ({r1['cpu_seconds']:.0f} s CPU), "
-              f"{r2['peak_rss_gib']:.2f} GiB at 16,384 tokens ({r2['cpu_seconds']:.0f} s CPU)")
+        n1, n2 = args.tokens_65k
+        r1, r2 = _run("streaming", n1, 65536, args.k), _run("streaming", n2, 65536, args.k)
+        print(f"3. 65,536 latents, streaming: peak RSS {r1['peak_rss_gib']:.2f} GiB at {n1:,} tokens ({r1['cpu_seconds']:.0f} s CPU), "
+              f"{r2['peak_rss_gib']:.2f} GiB at {n2:,} tokens ({r2['cpu_seconds']:.0f} s CPU)")
     if args.real_sae:
         real_survival(args.real_sae, args.explainer_layer)
     if args.explainer_sae:
