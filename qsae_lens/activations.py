@@ -734,6 +734,12 @@ def _local_depth(model: str | None) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
+def _resolve_layers(spec: Any, n_layers: int) -> list[int]:
+    """:func:`qsae_lens.layers.resolve_layers`, with ``"probe"`` resolved here: that function calls
+    itself forever on the string ``"probe"`` (qsae_lens.layers at the time of writing)."""
+    return probe_layers(n_layers) if spec == "probe" else resolve_layers(spec, n_layers)
+
+
 def _check_cache_args(args: argparse.Namespace) -> tuple[Any, str, str | list[str]]:
     """Validate every ``qsae cache`` option before any model is loaded; ValueError says what is wrong.
 
@@ -753,9 +759,14 @@ def _check_cache_args(args: argparse.Namespace) -> tuple[Any, str, str | list[st
     if hook not in _CACHE_HOOKS:
         raise ValueError(f"--hook must be one of {list(_CACHE_HOOKS)}, got {args.hook!r}.")
     spec = parse_layers_arg(args.layers)
-    depth = _local_depth(args.model)
+    if args.model is None:  # the embedded model, when already converted, is read without loading it
+        from qsae_lens.assets import DEFAULT_MODEL_FOLDER, find_cached
+
+        depth = _local_depth(str(find_cached(DEFAULT_MODEL_FOLDER) or ""))
+    else:
+        depth = _local_depth(args.model)
     if depth is not None:
-        resolve_layers(spec, depth)  # range errors before the model is loaded
+        _resolve_layers(spec, depth)  # range errors before the model is loaded
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise NotADirectoryError(f"--out {args.out} is a file; the cache is a folder.")
     return spec, f"hook_{hook}", _corpus_arg(args.corpus)
@@ -775,7 +786,7 @@ def run_cache_command(args: argparse.Namespace) -> int:
         spec, hook, corpus_texts = _check_cache_args(args)
         model_path = args.model or str(default_model_path())
         model = load_model(model_path, precision=args.precision)
-        layers = resolve_layers(spec, int(model.cfg.n_layers))
+        layers = _resolve_layers(spec, int(model.cfg.n_layers))
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"qsae cache: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

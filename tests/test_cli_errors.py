@@ -45,6 +45,7 @@ CASES = [
     ("cache negative layer", ["cache", "--layers", "-1", "--out", "{root}/c4"], "start at 0"),
     ("cache layer out of range", ["cache", "--model", "{model}", "--layers", "0,99", "--out", "{root}/c5"],
      "out of range"),
+    ("cache layer out of range, default model", ["cache", "--layers", "99", "--out", "{root}/c10"], "out of range"),
     ("cache bad precision", ["cache", "--precision", "int3", "--out", "{root}/c6"], "int3"),
     ("cache bad hook", ["cache", "--hook", "resid_middle", "--out", "{root}/c7"], "--hook must be one of"),
     ("cache batch size 0", ["cache", "--batch-size", "0", "--out", "{root}/c8"], "--batch-size must be a positive"),
