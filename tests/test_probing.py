@@ -3,6 +3,8 @@ repeated simulations, scipy per-latent loops as the reference, and real-model fe
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -212,3 +214,54 @@ def test_probe_command_rejects_bad_sae_spec():
         run_probe_command(p.parse_args(["--sae", "nolayer"]))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_probe_command(p.parse_args(["--sae", "3=/nonexistent/sae"]))
+
+
+@pytest.mark.slow
+def test_probe_sweep_and_sweep_step_end_to_end(smollm2_path, tmp_path, monkeypatch):
+    """Two precisions, a real (randomly initialised) SAELens SAE applied to both, the report page,
+    and the sweep step computed once then reused."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    import qsae_lens.sweep.steps.probing as step
+    from qsae_lens.models import load_model
+    from qsae_lens.precision import parse_precision
+    from qsae_lens.probing.api import ProbeSweepResult, probe_sweep
+    from qsae_lens.probing.report import probe_html_page
+    from qsae_lens.probing.tasks import build_task
+    from qsae_lens.sweep.plan import CellKey, CoreResults, SweepPlan
+    from qsae_lens.sweep.reuse import DONE
+
+    torch.manual_seed(0)
+    models = {p: load_model(smollm2_path, p, "cpu") for p in ("fp32", "int8")}
+    sae = StandardSAE(StandardSAEConfig(d_in=576, d_sae=256)).eval()
+    task = build_task("py_keyword", models["fp32"].tokenizer, n_examples=160, max_docs=20, context=48)
+    res = probe_sweep(models, [task], [2], saes={2: sae}, ks=(1, 5), top_k=10, progress=False)
+    assert {(r.precision, r.source) for r in res.probes} == {(p, s) for p in models for s in ("resid", "sae")}
+    # keyword vs identifier is readable from the residual after two blocks
+    assert res.probe("py_keyword", "fp32", 2).accuracy > 0.85
+    assert res.probe("py_keyword", "int8", 2).accuracy > 0.85
+    assert [o.overlap for o in res.overlap if o.precision == "fp32"] == [1.0]  # the baseline with itself
+    assert len(res.sparse) == 2 * 2
+    again = ProbeSweepResult.from_json(json.loads(json.dumps(res.to_json())))
+    assert again.probes == res.probes and again.overlap == res.overlap
+    page = probe_html_page(res)
+    # plotly.js inlined (the bundle is > 1 MB), nothing fetched from a server
+    assert len(page) > 1_000_000 and "<script src=" not in page and "py_keyword" in page
+
+    out = tmp_path / "sweep"
+    key = CellKey("fp32", 2, 0)
+    sae.save_model(str(key.dir(out)))
+    plan = SweepPlan(config=None, out_dir=out, model_path=str(smollm2_path), n_layers=30, layers=(2,),
+                     hook="hook_resid_post", precisions=tuple(parse_precision(p) for p in models), baseline="fp32",
+                     seeds=(0,), cells=(key,), device="cpu")
+    core = CoreResults(models=models, tokenizer=models["fp32"].tokenizer, eval_tokens=None, saes={key: sae},
+                       max_norms={})
+    monkeypatch.setattr(step, "TASKS", ("py_keyword",))
+    monkeypatch.setattr(step, "N_EXAMPLES", 120)
+    first = step.run_step(plan, core)
+    stamp = (plan.step_dir(step.NAME) / DONE).stat().st_mtime_ns
+    second = step.run_step(plan, core)
+    assert (plan.step_dir(step.NAME) / DONE).stat().st_mtime_ns == stamp  # reused, not recomputed
+    assert first.probes == second.probes and {r.source for r in first.probes} == {"resid", "sae"}
+    section = step.report_section(first)
+    assert section.key == "probing" and "selectivity" in section.markdown and "<table>" in section.html

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from qsae_lens.probing.probes import CI_UNIT, DEFAULT_KS, rank_overlap, sparse_probe, train_probe
+from qsae_lens.probing.probes import CI_UNIT, DEFAULT_KS, rank_overlap, sparse_probe, top_latents, train_probe
 from qsae_lens.probing.tasks import BUILTIN_TASKS, TaskData, build_task
 
 FP32_NOTE = ("The embedded SmolLM2-135M-Instruct 'fp32' is dequantized from a Q4_1 GGUF: it already went "
@@ -237,8 +237,6 @@ def probe_sweep(models: Mapping[str, Any] | None = None, tasks: Sequence[str | T
                         sp = sparse_probe(f, t.labels, ks=ks, groups=t.groups, cv=cv, l2=l2, seed=seed)
                         sparse += [SparseRow(t.name, precision, layer, k, e.value, (e.ci_low, e.ci_high))
                                    for k, e in zip(sp.ks, sp.accuracy)]
-                        from qsae_lens.probing.probes import top_latents
-
                         tops[(t.name, precision, layer)] = top_latents(f, t.labels, top_k)
         del feats
     overlap = [OverlapRow(task, p, layer, top_k, rank_overlap(tops[(task, baseline, layer)], top))
