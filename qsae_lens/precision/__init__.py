@@ -16,7 +16,9 @@ from __future__ import annotations
 
 # Registration order is the order parse_precision asks (and lists) the families in.
 from qsae_lens.precision import bnb as _bnb  # noqa: E402,F401  (registers float + bitsandbytes)
+from qsae_lens.precision import calibrated as _calibrated  # noqa: E402,F401
 from qsae_lens.precision import gguf as _gguf  # noqa: E402,F401
+from qsae_lens.precision import native as _native  # noqa: E402,F401
 from qsae_lens.precision import rtn as _rtn  # noqa: E402,F401
 from qsae_lens.precision.registry import (
     PRECISION_METADATA_KEYS,
@@ -30,6 +32,7 @@ from qsae_lens.precision.registry import (
     default_compute_dtype,
     dtype_name,
     families,
+    family_of,
     library_version,
     parse_precision,
     register_family,
@@ -54,6 +57,7 @@ __all__ = [
     "default_compute_dtype",
     "dtype_name",
     "families",
+    "family_of",
     "library_version",
     "parse_precision",
     "register_family",
