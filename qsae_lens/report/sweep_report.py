@@ -1,359 +1,312 @@
-"""The sweep's report: one JSON document, a markdown summary and a self-contained HTML page.
+"""The sweep's report: ``report.json``, ``report.md`` and one self-contained ``report.html``.
 
-This is the only place that knows how a sweep is presented. The headline question, "does this
-model's SAE features survive quantization?", is answered per layer and precision by three kinds
-of number, each beside what it should be read against:
-
-* **the model's own cost** of quantization (CE increase, KL against the baseline precision);
-* **transfer**: the baseline's SAE spliced into the quantized model (and vice versa) on the same
-  held-out tokens — explained variance, CE increase, KL, CE recovered against mean ablation;
-* **alignment**: matched decoder cosine (Hungarian) of the quantized SAE against the baseline's,
-  at a *different* init seed, read against the **ceiling** (two baseline seeds) and the **floor**
-  (a random SAE); the same-seed number is shown too, but shared initialisation inflates it.
+Built from :class:`~qsae_lens.report.section.ReportSection` s, one per step (headline 0, the
+models' own cost 10, transfer 20, alignment 30, analyses 40+, SAELens run_evals 50, training 60,
+timings 90); :mod:`qsae_lens.report.html` sorts them and inlines plotly.js once. The page opens with
+the **headline**: per layer and precision, how well quantized SAEs align with the baseline's
+(different seeds) read against the **ceiling** (every pair of baseline seeds) and the **floor**
+(a random SAE), and what splicing the baseline's SAE into the quantized model costs, with intervals;
+a warning replaces the conclusion when the ceiling does not stand clear of the floor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import html
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
-REPORT_SCHEMA_VERSION = "1.0"
+from qsae_lens.report.section import ReportSection, figure_html, html_table, markdown_table
 
-HEADLINE_METRICS = (
-    "decoder_matched_cosine",
-    "decoder_cosine_best_match_ab",
-    "decoder_mutual_nn_fraction",
-    "decoder_procrustes_matched_cosine",
-    "activation_cka",
-    "latent_activation_correlation_matched",
-    "cross_reconstruction_explained_variance_ab",
-)
+REPORT_SCHEMA_VERSION = "2.0"
+HEADLINE_METRIC = "decoder_matched_cosine"
+TABLE_METRICS = ("decoder_matched_cosine", "decoder_cosine_best_match_ab", "activation_cka",
+                 "latent_activation_correlation_matched", "cross_reconstruction_explained_variance_ab")
 
 
-def _metric(report: dict[str, Any], name: str) -> dict[str, Any] | None:
-    m = report.get("metrics", {}).get(name)
-    return dict(m) if m else None
+@dataclasses.dataclass
+class SweepParts:
+    """What the sweep's steps returned, handed to :func:`write_report`."""
+
+    config: dict[str, Any]
+    model_metadata: dict[str, dict[str, Any]]
+    trained: Any
+    """:class:`qsae_lens.sweep.train.TrainResult`."""
+    transfer: Any
+    """:class:`qsae_lens.sweep.evaluate.TransferResult`."""
+    saelens_evals: dict[str, dict[str, float]]
+    comparisons: Any
+    """:class:`qsae_lens.sweep.comparisons.ComparisonsResult`."""
+    timings: dict[str, float]
+    """Wall seconds of each step in this run."""
+    extra_sections: list[ReportSection]
+    plan: Any
+
+
+def _metric(report: Any, name: str) -> dict[str, Any] | None:
+    m = report.metrics.get(name)
+    return None if m is None else m.to_dict()
 
 
 def _value(m: dict[str, Any] | None) -> float | None:
-    if m is None:
-        return None
-    v = m.get("value")
+    v = None if m is None else m.get("value")
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def _summarise_layer(layer: int, comparisons: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
-    rows = [c for c in comparisons if c["layer"] == layer]
-    by_kind: dict[str, dict[str, Any]] = {}
-    for c in rows:
-        key = c["kind"] if c["kind"] in ("ceiling", "floor") else f"{c['kind']}:{c['a']}"
-        by_kind[key] = {name: _metric(c["report"], name) for name in HEADLINE_METRICS}
-    ceiling = by_kind.get("ceiling", {}).get("decoder_matched_cosine")
-    floor = by_kind.get("floor", {}).get("decoder_matched_cosine")
-    warnings = []
-    separation = None
-    if ceiling and floor and _value(ceiling) is not None and _value(floor) is not None:
-        separation = _value(ceiling) - _value(floor)
-        c_low = ceiling["ci_low"] if ceiling.get("ci_low") is not None else _value(ceiling)
-        f_high = floor["ci_high"] if floor.get("ci_high") is not None else _value(floor)
-        clear = c_low > f_high and separation > 0.05
-        if not clear:
-            warnings.append(
-                f"layer {layer}: the seed-to-seed ceiling (matched cosine {_value(ceiling):.3f}) does not stand "
-                f"clear of the random floor ({_value(floor):.3f}); train longer (raise training_samples / "
-                "train_tokens) before reading precision effects."
-            )
-    precisions = sorted({c["a"] for c in rows if c["kind"] in ("same_seed", "different_seed")})
-    effects = {}
-    for p in precisions:
-        diff = by_kind.get(f"different_seed:{p}", {}).get("decoder_matched_cosine")
-        same = by_kind.get(f"same_seed:{p}", {}).get("decoder_matched_cosine")
-        effects[p] = {
-            "matched_cosine_different_seed": diff,
-            "matched_cosine_same_seed": same,
-            "precision_effect_vs_ceiling": (_value(diff) - _value(ceiling))
-            if diff and ceiling and _value(diff) is not None and _value(ceiling) is not None
-            else None,
-            "fraction_of_ceiling_above_floor": ((_value(diff) - _value(floor)) / separation)
-            if diff and separation and _value(diff) is not None and separation > 1e-9
-            else None,
-        }
-    return {
-        "layer": layer,
-        "baseline": baseline,
-        "ceiling": by_kind.get("ceiling"),
-        "floor": by_kind.get("floor"),
-        "ceiling_minus_floor": separation,
-        "precisions": effects,
-        "comparisons": {k: v for k, v in by_kind.items() if k not in ("ceiling", "floor")},
-        "warnings": warnings,
-    }
-
-
-def _downsample(rows: list[dict[str, float]], n: int = 200) -> list[dict[str, float]]:
-    if len(rows) <= n:
-        return rows
-    step = len(rows) / n
-    return [rows[int(i * step)] for i in range(n)] + [rows[-1]]
-
-
-def build_sweep_report(
-    *,
-    config: dict[str, Any],
-    model_metadata: dict[str, dict[str, Any]],
-    transfer: dict[str, Any],
-    saelens_evals: dict[str, Any],
-    comparisons: list[dict[str, Any]],
-    train_stats: dict[str, Any],
-    loss_histories: dict[str, list[dict[str, float]]],
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    """Assemble ``report.json``'s content from the sweep's parts (plain values only)."""
-    from qsae_lens import __version__
-    from qsae_lens.assets import DEFAULT_MODEL_NOTE
-
-    baseline = config["baseline"]
-    layers = config["layers_resolved"]
-    summaries = [_summarise_layer(layer, comparisons, baseline) for layer in layers]
-    notes = []
-    if config.get("model") is None:
-        notes.append(DEFAULT_MODEL_NOTE)
-    warnings = [w for s in summaries for w in s["warnings"]]
-    return {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "qsae_lens_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": config,
-        "notes": notes,
-        "warnings": warnings,
-        "models": {p: {**model_metadata.get(p, {}), **transfer["models"].get(p, {})} for p in model_metadata},
-        "transfer": transfer["cells"],
-        "saelens_run_evals": saelens_evals,
-        "summary": summaries,
-        "comparisons": [
-            {k: v for k, v in c.items() if k != "report"}
-            | {"metrics": c["report"].get("metrics", {}),
-               "latent_categories": c["report"].get("latent_categories", {}),
-               "matched_cosine_distribution": c["report"].get("distributions", {}).get("decoder_matched_cosine"),
-               "warnings": c["report"].get("warnings", [])}
-            for c in comparisons
-        ],
-        "training": train_stats,
-        "loss_histories": {k: _downsample(v) for k, v in loss_histories.items()},
-        "timings_s": timings,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# markdown
-
-
-def _f(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def _ci(value: float | None, ci: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    if isinstance(v, dict):
-        val = _value(v)
-        if val is None:
-            return "—"
-        lo, hi = v.get("ci_low"), v.get("ci_high")
-        ci = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None and hi is not None else ""
-        return f"{val:.{digits}f}{ci}"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def _cell(report: dict[str, Any], sae: str, model: str) -> dict[str, Any] | None:
-    return next((c for c in report["transfer"] if c["sae"] == sae and c["model"] == model), None)
-
-
-def sweep_markdown(report: dict[str, Any]) -> str:
-    """The human summary: what quantization costs the model, how SAEs transfer, how features align."""
-    cfg = report["config"]
-    baseline = cfg["baseline"]
-    precisions = list(report["models"])
-    seed = cfg["seeds"][0]
-    lines = [
-        "# qsae_lens precision sweep",
-        "",
-        f"Model `{cfg['model_path']}` ({cfg['n_layers']} layers), corpus `{cfg['corpus']}`, "
-        f"{cfg['architecture']} SAEs (d_sae {cfg['d_sae']}, k {cfg['k']}), hook `{cfg['hook']}`, "
-        f"layers {cfg['layers_resolved']}, baseline **{baseline}**, device {cfg['device']}. "
-        f"{cfg['training_samples']:,} training samples over {cfg['train_tokens']:,} cached tokens per precision; "
-        f"total {report['timings_s'].get('total_s', 0):.0f} s.",
-        "",
-    ]
-    lines += [f"> **Note.** {n}" for n in report["notes"]]
-    lines += [f"> **Warning.** {w}" for w in report["warnings"]]
-    lines += ["", "## The model's own quantization cost (held-out tokens)", "",
-              "| precision | quant type | compute dtype | CE (nats) | ΔCE vs baseline | KL vs baseline |",
-              "|---|---|---|---|---|---|"]
-    for p in precisions:
-        m = report["models"][p]
-        lines.append(f"| {p} | {m.get('quant_type') or '—'} | {m.get('compute_dtype') or '—'} | {_f(m.get('ce_loss'))} | "
-                     f"{_f(m.get('ce_increase_vs_baseline'))} | {_f(m.get('kl_vs_baseline'))} |")
-    for s in report["summary"]:
-        layer = s["layer"]
-        lines += ["", f"## Layer {layer}", "",
-                  "### Transfer: SAE trained at row precision, spliced into the column precision's model", "",
-                  "Explained variance / CE increase (nats) with the SAE spliced in; same held-out tokens in every cell.", "",
-                  "| SAE \\ model | " + " | ".join(precisions) + " |", "|---|" + "---|" * len(precisions)]
-        for p in precisions:
-            sae = f"{p}/L{layer}/s{seed}"
-            cells = []
-            for q in precisions:
-                c = _cell(report, sae, q)
-                cells.append("—" if c is None else f"{_f(c['explained_variance'])} / {c['ce_increase']:+.3f}")
-            lines.append(f"| **{p}** | " + " | ".join(cells) + " |")
-        lines += ["", "### Each SAE on its own precision's model", "",
-                  "| SAE | EV | ΔCE | KL | CE recovered vs mean ablation | L0 | dead fraction |", "|---|---|---|---|---|---|---|"]
-        for p in precisions:
-            for sae in sorted(c["sae"] for c in report["transfer"] if c["model"] == p and c["sae"].startswith(f"{p}/L{layer}/")):
-                c = _cell(report, sae, p)
-                lines.append(f"| {sae} | {_f(c['explained_variance'])} | {_f(c['ce_increase'])} | {_f(c['kl'])} | "
-                             f"{_f(c['ce_recovered_vs_mean_ablation'])} | {_f(c['l0'], 1)} | {_f(c['dead_fraction'])} |")
-        lines += ["", "### Feature alignment against the baseline (matched decoder cosine, 95% CI)", "",
-                  f"Ceiling (baseline seed {cfg['ceiling_seed']} vs seed {seed}): **{_f(s['ceiling'] and s['ceiling']['decoder_matched_cosine'])}**; "
-                  f"floor (random SAE): **{_f(s['floor'] and s['floor']['decoder_matched_cosine'])}**.", "",
-                  "| precision | different seed | same seed (init shared) | effect vs ceiling | share of ceiling above floor | activation CKA | matched latent corr. |",
-                  "|---|---|---|---|---|---|---|"]
-        for p, e in s["precisions"].items():
-            comp = s["comparisons"].get(f"different_seed:{p}", {})
-            lines.append(f"| {p} | {_f(e['matched_cosine_different_seed'])} | {_f(e['matched_cosine_same_seed'])} | "
-                         f"{_f(e['precision_effect_vs_ceiling'])} | {_f(e['fraction_of_ceiling_above_floor'])} | "
-                         f"{_f(comp.get('activation_cka'))} | {_f(comp.get('latent_activation_correlation_matched'))} |")
-    if report.get("saelens_run_evals"):
-        lines += ["", "## SAELens `run_evals` (each SAE on its own model; CE recovered there is vs zero ablation)", "",
-                  "| SAE | explained variance | CE loss score | L0 |", "|---|---|---|---|"]
-        for sae, m in sorted(report["saelens_run_evals"].items()):
-            lines.append(f"| {sae} | {_f(m.get('reconstruction_quality/explained_variance'))} | "
-                         f"{_f(m.get('model_performance_preservation/ce_loss_score'))} | {_f(m.get('sparsity/l0'), 1)} |")
-    lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
-    return "\n".join(lines) + "\n"
+def _m(m: dict[str, Any] | None) -> str:
+    return "—" if _value(m) is None else _ci(_value(m), (m["ci_low"], m["ci_high"]) if m.get("ci_low") is not None
+                                                else None)
 
 
 # --------------------------------------------------------------------------------------------
-# figures
+# headline
 
 
-def sweep_figures(report: dict[str, Any]) -> dict[str, Any]:
-    """Plotly figures: transfer heatmaps, matched-cosine distributions, latent categories, loss curves."""
+def layer_summary(parts: SweepParts, layer: int) -> dict[str, Any]:
+    """Per layer: ceiling (every baseline seed pair), floor, and each precision's different-seed alignment."""
+    rows = parts.comparisons.at(layer)
+    vals = {kind: [_value(_metric(r.report, HEADLINE_METRIC)) for r in rows if r.pair.kind == kind]
+            for kind in ("ceiling", "floor")}
+    ceiling = [v for v in vals["ceiling"] if v is not None]
+    floor = next(iter(v for v in vals["floor"] if v is not None), None)
+    floor_hi = next((_metric(r.report, HEADLINE_METRIC) or {}).get("ci_high") for r in rows if r.pair.kind == "floor") \
+        if floor is not None else None
+    ceiling_lows = [(_metric(r.report, HEADLINE_METRIC) or {}).get("ci_low") for r in rows if r.pair.kind == "ceiling"]
+    summary: dict[str, Any] = {"layer": layer, "ceiling_pairs": ceiling, "floor": floor, "precisions": {}, "warnings": []}
+    summary["ceiling"] = statistics.fmean(ceiling) if ceiling else None
+    clear = (ceiling and floor is not None and min(c if c is not None else -1 for c in ceiling_lows) > (floor_hi or floor)
+             and summary["ceiling"] - floor > 0.05)
+    if not clear:
+        summary["warnings"].append(
+            f"layer {layer}: the seed-to-seed ceiling (matched cosine {_ci(summary['ceiling'], None)}) does not stand "
+            f"clear of the random floor ({_ci(floor, None)}); train longer (raise training_samples / train_tokens) "
+            "before reading precision effects.")
+    for p in {r.pair.a.precision for r in rows if r.pair.kind == "different_seed"}:
+        diff = [v for r in rows if r.pair.kind == "different_seed" and r.pair.a.precision == p
+                and (v := _value(_metric(r.report, HEADLINE_METRIC))) is not None]
+        mean = statistics.fmean(diff) if diff else None
+        share = ((mean - floor) / (summary["ceiling"] - floor)
+                 if clear and mean is not None and summary["ceiling"] - floor > 1e-9 else None)
+        summary["precisions"][p] = {"different_seed_pairs": diff, "different_seed_mean": mean,
+                                    "effect_vs_ceiling": None if mean is None or not ceiling else mean - summary["ceiling"],
+                                    "share_of_ceiling_above_floor": share,
+                                    "within_seed_range": bool(ceiling and mean is not None and mean >= min(ceiling))}
+    return summary
+
+
+def _headline_sentence(parts: SweepParts, s: dict[str, Any], p: str) -> str:
+    plan, tr = parts.plan, parts.transfer
+    e = s["precisions"][p]
+    s0 = min(plan.seeds)
+    base_key = next(k for k in plan.cells if k.precision == plan.baseline and k.layer == s["layer"] and k.seed == s0)
+    on_p, on_base = tr.cell(base_key, p), tr.cell(base_key, plan.baseline)
+    verdict = ("within the seed-to-seed range: no feature change beyond training noise" if e["within_seed_range"]
+               else "below the seed-to-seed range: the features change")
+    ceiling = s["ceiling_pairs"]
+    text = (f"Layer {s['layer']}, {p}: matched decoder cosine to {plan.baseline} SAEs {_ci(e['different_seed_mean'], None)} "
+            f"(mean of {len(e['different_seed_pairs'])} different-seed pairs) against a ceiling of "
+            f"{_ci(s['ceiling'], None)} (range {min(ceiling):.3f}–{max(ceiling):.3f} over {len(ceiling)} baseline seed "
+            f"pairs) and a random floor of {_ci(s['floor'], None)}: {verdict}.") if ceiling else ""
+    if on_p is not None and on_base is not None:
+        text += (f" The {base_key.label} SAE spliced into the {p} model explains {_ci(on_p.explained_variance, on_p.explained_variance_ci)}"
+                 f" of the variance (on its own model {_ci(on_base.explained_variance, on_base.explained_variance_ci)}),"
+                 f" ΔCE {_ci(on_p.ce_increase, on_p.ce_increase_ci)} nats (95% bootstrap over held-out windows).")
+    return text
+
+
+def headline_section(parts: SweepParts) -> ReportSection:
+    summaries = [layer_summary(parts, layer) for layer in parts.plan.layers]
+    sentences, warnings = [], [w for s in summaries for w in s["warnings"]]
+    for s in summaries:
+        if not s["warnings"]:
+            sentences += [_headline_sentence(parts, s, p) for p in sorted(s["precisions"])]
+    import html as _html
+
+    body_html = "".join(f"<p class='warning'><b>No conclusion.</b> {_html.escape(w)}</p>" for w in warnings)
+    body_html += "".join(f"<p class='headline'>{_html.escape(t)}</p>" for t in sentences)
+    notes = parts.config.get("notes", [])
+    body_html += "".join(f"<p><i>Note.</i> {_html.escape(n)}</p>" for n in notes)
+    md = "\n\n".join([*(f"> **No conclusion.** {w}" for w in warnings), *(f"**{t}**" for t in sentences),
+                      *(f"> **Note.** {n}" for n in notes)])
+    return ReportSection("headline", "Does this model's SAE features survive quantization?", 0,
+                         {"summary": summaries, "sentences": sentences, "warnings": warnings}, md, body_html)
+
+
+# --------------------------------------------------------------------------------------------
+# the steps' sections
+
+
+def models_section(parts: SweepParts) -> ReportSection:
+    header = ["precision", "quant type", "compute dtype", "CE (nats)", "ΔCE vs baseline", "KL vs baseline"]
+    rows = []
+    for p, ev in parts.transfer.models.items():
+        meta = parts.model_metadata.get(p, {})
+        rows.append([p, meta.get("quant_type") or "—", meta.get("compute_dtype") or "—", ev.ce_loss,
+                     ev.ce_increase_vs_baseline, ev.kl_vs_baseline])
+    data = {p: {**parts.model_metadata.get(p, {}), **dataclasses.asdict(ev)} for p, ev in parts.transfer.models.items()}
+    return ReportSection("models", "The model's own quantization cost (held-out tokens)", 10, data,
+                         markdown_table(header, rows), html_table(header, rows))
+
+
+def _transfer_figure(parts: SweepParts, layer: int) -> str:
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    cfg = report["config"]
-    precisions = list(report["models"])
-    seed = cfg["seeds"][0]
-    figs: dict[str, Any] = {}
-    for layer in cfg["layers_resolved"]:
-        saes = [f"{p}/L{layer}/s{seed}" for p in precisions]
-        ev = [[(_cell(report, s, q) or {}).get("explained_variance") for q in precisions] for s in saes]
-        dce = [[(_cell(report, s, q) or {}).get("ce_increase") for q in precisions] for s in saes]
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("explained variance", "CE increase (nats)"),
-                            horizontal_spacing=0.16)
-        fig.add_trace(go.Heatmap(z=ev, x=precisions, y=precisions, colorscale="Viridis", texttemplate="%{z:.3f}",
-                                 colorbar={"x": 0.43, "thickness": 14}), 1, 1)
-        fig.add_trace(go.Heatmap(z=dce, x=precisions, y=precisions, colorscale="Reds", texttemplate="%{z:.3f}"), 1, 2)
-        fig.update_layout(title=f"Layer {layer}: SAE trained at row precision, spliced into column precision's model",
-                          height=420)
-        fig.update_yaxes(autorange="reversed")
-        fig.update_yaxes(title_text="SAE trained at", row=1, col=1)
-        fig.update_xaxes(title_text="model precision")
-        figs[f"transfer_layer{layer}"] = fig
-
-        dist = go.Figure()
-        for c in report["comparisons"]:
-            if c["layer"] != layer or c["kind"] == "same_seed":
-                continue
-            d = c.get("matched_cosine_distribution") or {}
-            hist = d.get("histogram")
-            if not hist:
-                continue
-            edges, counts = hist["edges"], hist["counts"]
-            total = max(sum(counts), 1)
-            centres = [(edges[i] + edges[i + 1]) / 2 for i in range(len(counts))]
-            label = {"ceiling": f"ceiling ({c['b']} seed vs seed)", "floor": "floor (random SAE)"}.get(
-                c["kind"], f"{c['a']} vs {c['b']} (different seed)")
-            dash = {"ceiling": "dash", "floor": "dot"}.get(c["kind"])
-            dist.add_trace(go.Scatter(x=centres, y=[n / total for n in counts], mode="lines", name=label,
-                                      line={"dash": dash, "shape": "hvh"}))
-        dist.update_layout(title=f"Layer {layer}: matched decoder cosine per latent (Hungarian)",
-                           xaxis_title="cosine", yaxis_title="fraction of latents", height=420)
-        figs[f"matched_cosine_layer{layer}"] = dist
-
-        cat = go.Figure()
-        seen = set()
-        names = None
-        by_sae: dict[str, dict[str, int]] = {}
-        for c in report["comparisons"]:
-            lc = c.get("latent_categories") or {}
-            if c["layer"] != layer or not lc.get("names"):
-                continue
-            names = lc["names"]
-            for side in ("a", "b"):
-                who = c[side] if c["kind"] != "ceiling" or side == "b" else f"{c['a']} (seed {cfg['ceiling_seed']})"
-                if who not in seen and who != "random":
-                    seen.add(who)
-                    by_sae[who] = lc[side]
-        if names:
-            for name in names:
-                cat.add_trace(go.Bar(name=name, x=list(by_sae), y=[by_sae[s].get(name, 0) for s in by_sae]))
-            cat.update_layout(barmode="stack", title=f"Layer {layer}: latent categories on held-out tokens",
-                              yaxis_title="latents", height=420)
-            figs[f"categories_layer{layer}"] = cat
-
-    loss = go.Figure()
-    for label, rows in sorted(report["loss_histories"].items()):
-        key = "mse_loss" if rows and "mse_loss" in rows[0] else "loss"
-        loss.add_trace(go.Scatter(x=[r["tokens"] for r in rows], y=[r.get(key) for r in rows], mode="lines",
-                                  name=label))
-    loss.update_layout(title="Training loss (normalised MSE for openai_topk)", xaxis_title="training samples",
-                       yaxis_title="loss", yaxis_type="log", height=420)
-    figs["loss_curves"] = loss
-    return figs
+    precisions = parts.plan.precision_names
+    z = [[statistics.fmean([c.explained_variance for k in parts.plan.cells_at(p, layer)
+                            if (c := parts.transfer.cell(k, q)) is not None] or [float("nan")])
+          for q in precisions] for p in precisions]
+    fig = go.Figure(go.Heatmap(z=z, x=precisions, y=precisions, colorscale="Viridis", texttemplate="%{z:.3f}"))
+    fig.update_layout(title=f"Layer {layer}: explained variance (mean over seeds)", height=380,
+                      xaxis_title="model precision", yaxis_title="SAE trained at")
+    fig.update_yaxes(autorange="reversed")
+    return figure_html(fig)
 
 
-def sweep_html(report: dict[str, Any]) -> str:
-    """One self-contained page (plotly.js inlined once, so it opens offline)."""
-    figs = sweep_figures(report)
-    parts = []
-    for i, fig in enumerate(figs.values()):
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-    md = html.escape(sweep_markdown(report))
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>qsae_lens precision sweep</title>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:1em}"
-        "pre{white-space:pre-wrap;background:#f6f8fa;padding:1em}</style></head><body>"
-        "<h1>qsae_lens precision sweep</h1>" + "\n".join(parts) + f"<h2>Summary</h2><pre>{md}</pre></body></html>"
-    )
+def transfer_section(parts: SweepParts) -> ReportSection:
+    from qsae_lens.report.html import side_by_side
+
+    precisions = parts.plan.precision_names
+    header = ["SAE \\ model", *precisions]
+    md, body = [], []
+    for layer in parts.plan.layers:
+        rows = [[k.label, *[("—" if (c := parts.transfer.cell(k, q)) is None else
+                             f"{_ci(c.explained_variance, c.explained_variance_ci)} / "
+                             f"{_ci(c.ce_increase, c.ce_increase_ci)}") for q in precisions]]
+                for k in parts.plan.cells_at(layer=layer)]
+        caption = (f"Layer {layer}: explained variance / ΔCE (nats) with the row's SAE spliced into the column's model; "
+                   "95% bootstrap intervals over held-out windows; every seed's row (the baseline seeds' rows are the yardstick)")
+        md += [f"**{caption}**", markdown_table(header, rows)]
+        body.append(side_by_side(html_table(header, rows, caption=caption), _transfer_figure(parts, layer)))
+    data = {"max_norms": parts.transfer.max_norms,
+            "cells": [dataclasses.asdict(c) for c in parts.transfer.cells.values()]}
+    return ReportSection("transfer", "Transfer: SAEs spliced across precisions", 20, data, "\n\n".join(md), "".join(body))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _alignment_figure(parts: SweepParts, layer: int) -> str:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    s0 = min(parts.plan.seeds)
+    for r in parts.comparisons.at(layer):
+        if r.pair.kind == "same_seed" or (r.pair.kind == "different_seed" and r.pair.b.seed != s0):
+            continue
+        hist = (r.report.distributions.get(HEADLINE_METRIC) or {}).get("histogram")
+        if not hist:
+            continue
+        edges, counts = hist["edges"], hist["counts"]
+        total = max(sum(counts), 1)
+        fig.add_trace(go.Scatter(x=[(edges[i] + edges[i + 1]) / 2 for i in range(len(counts))],
+                                 y=[n / total for n in counts], mode="lines", name=f"{r.pair.kind}: {r.pair.a.label} vs "
+                                 f"{r.pair.b.label}", line={"dash": {"ceiling": "dash", "floor": "dot"}.get(r.pair.kind),
+                                                            "shape": "hvh"}))
+    fig.update_layout(title=f"Layer {layer}: matched decoder cosine per latent", xaxis_title="cosine",
+                      yaxis_title="fraction of latents", height=380)
+    return figure_html(fig)
 
 
-def write_sweep_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir`` (atomically)."""
+def alignment_section(parts: SweepParts) -> ReportSection:
+    from qsae_lens.report.html import side_by_side
+
+    header = ["kind", "SAE a", "SAE b", *TABLE_METRICS]
+    md, body, data = [], [], []
+    for layer in parts.plan.layers:
+        rows = [[r.pair.kind, r.pair.a.label, r.pair.b.label, *[_m(_metric(r.report, m)) for m in TABLE_METRICS]]
+                for r in parts.comparisons.at(layer)]
+        caption = f"Layer {layer}: every comparison (value [95% CI])"
+        md += [f"**{caption}**", markdown_table(header, rows)]
+        body.append(side_by_side(html_table(header, rows, caption=caption), _alignment_figure(parts, layer)))
+        data += [{"name": r.pair.name, "layer": layer, "kind": r.pair.kind, "a": r.pair.a.label, "b": r.pair.b.label,
+                  "metrics": {m: _metric(r.report, m) for m in r.report.metrics},
+                  "latent_categories": r.report.latent_categories, "warnings": r.report.warnings}
+                 for r in parts.comparisons.at(layer)]
+    return ReportSection("alignment", "Feature alignment against the baseline", 30, {"comparisons": data},
+                         "\n\n".join(md), "".join(body))
+
+
+def saelens_section(parts: SweepParts) -> ReportSection:
+    header = ["SAE", "explained variance", "CE loss score", "L0"]
+    rows = [[k, m.get("reconstruction_quality/explained_variance"), m.get("model_performance_preservation/ce_loss_score"),
+             m.get("sparsity/l0")] for k, m in sorted(parts.saelens_evals.items())]
+    note = "Each SAE on its own model; CE recovered there is against zero ablation."
+    return ReportSection("saelens_run_evals", "SAELens run_evals (diagonal)", 50, parts.saelens_evals,
+                         note + "\n\n" + markdown_table(header, rows), f"<p>{note}</p>" + html_table(header, rows))
+
+
+def _loss_figure(parts: SweepParts) -> str:
+    import plotly.graph_objects as go
+
+    from qsae_lens.training.fit import LOSS_HISTORY_FILENAME
+
+    fig = go.Figure()
+    for key, cell in parts.trained.cells.items():
+        path = cell.folder / LOSS_HISTORY_FILENAME
+        rows = json.loads(path.read_text()) if path.exists() else []
+        rows = rows[:: max(1, len(rows) // 200)]
+        name = "mse_loss" if rows and "mse_loss" in rows[0] else "loss"
+        fig.add_trace(go.Scatter(x=[r["tokens"] for r in rows], y=[r.get(name) for r in rows], mode="lines",
+                                 name=key.label))
+    fig.update_layout(title="Training loss", xaxis_title="training samples", yaxis_type="log", height=380)
+    return figure_html(fig)
+
+
+def training_section(parts: SweepParts) -> ReportSection:
+    from qsae_lens.report.html import side_by_side
+
+    header = ["cell", "seconds", "samples/s", "cached vectors", "sinks dropped", "epochs", "dead fraction", "this run"]
+    rows = [[k.label, c.stats.get("seconds"), c.stats.get("samples_per_s"), c.stats.get("cached_vectors"),
+             c.stats.get("outliers_dropped"), c.stats.get("epochs"), c.stats.get("dead_fraction_train"),
+             "trained" if c.computed else "reused"] for k, c in parts.trained.cells.items()]
+    data = {k.label: {**c.stats, "trained_in_this_run": c.computed} for k, c in parts.trained.cells.items()}
+    return ReportSection("training", "Training", 60, data, markdown_table(header, rows),
+                         side_by_side(html_table(header, rows), _loss_figure(parts)))
+
+
+def timings_section(parts: SweepParts) -> ReportSection:
+    note = ("Wall seconds of each step in this run (a reused step takes ~0 s here); each cell's own training "
+            "time, from the run that trained it, is in the training table.")
+    rows = [[k, v] for k, v in parts.timings.items()]
+    return ReportSection("timings", "Timings", 90, {"this_run_s": parts.timings},
+                         note + "\n\n" + markdown_table(["step", "seconds"], rows, 1),
+                         f"<p>{note}</p>" + html_table(["step", "seconds"], rows, 1))
+
+
+def sweep_sections(parts: SweepParts) -> list[ReportSection]:
+    """Every section of the sweep's report (the analyses' sections included)."""
+    sections = [headline_section(parts), models_section(parts), transfer_section(parts), alignment_section(parts),
+                training_section(parts), timings_section(parts), *parts.extra_sections]
+    if parts.saelens_evals:
+        sections.append(saelens_section(parts))
+    return sections
+
+
+def write_report(parts: SweepParts, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and ``report.html`` atomically; returns report.json's content."""
+    from qsae_lens import __version__
+    from qsae_lens._io import atomic_write_json, atomic_write_text
+    from qsae_lens.assets import DEFAULT_MODEL_NOTE
+    from qsae_lens.report.html import render_html, render_markdown
+
+    config = dict(parts.config)
+    config["notes"] = [DEFAULT_MODEL_NOTE] if config.get("model") is None else []
+    parts = dataclasses.replace(parts, config=config)
+    sections = sweep_sections(parts)
+    report = {"schema_version": REPORT_SCHEMA_VERSION, "qsae_lens_version": __version__,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "config": config, "warnings": sections[0].data["warnings"],
+              "sections": {s.key: s.data for s in sorted(sections, key=lambda s: (s.order, s.key))}}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # strict JSON: NaN (e.g. a correlation of latents that never fire) is written as null
-    _atomic_write(out / "report.json", json.dumps(_nan_to_none(report), indent=2, default=str, allow_nan=False))
-    _atomic_write(out / "report.md", sweep_markdown(report))
-    _atomic_write(out / "report.html", sweep_html(report))
-    return out
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
+    title = "qsae_lens precision sweep"
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(title, sections))
+    atomic_write_text(out / "report.html", render_html(title, sections))
+    return json.loads((out / "report.json").read_text())

@@ -10,12 +10,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "SweepConfig": "qsae_lens.sweep.run",
+    "SweepConfig": "qsae_lens.sweep.config",
+    "validate_config": "qsae_lens.sweep.config",
+    "plan_sweep": "qsae_lens.sweep.run",
     "SweepResult": "qsae_lens.sweep.run",
     "run_precision_sweep": "qsae_lens.sweep.run",
     "add_sweep_arguments": "qsae_lens.sweep.run",
     "run_sweep_command": "qsae_lens.sweep.run",
-    "resolve_layers": "qsae_lens.sweep.run",
+    "resolve_layers": "qsae_lens.layers",
     "CellKey": "qsae_lens.sweep.plan",
     "SweepPlan": "qsae_lens.sweep.plan",
 }

@@ -48,6 +48,21 @@ def hook_name(layer: int, hook: str = "hook_resid_post") -> str:
     return f"blocks.{layer}.{hook}"
 
 
+def cache_group_name(layers: list[int] | tuple[int, ...]) -> str:
+    """Folder name of an activation cache holding ``layers``: ``"layers8_16"``."""
+    return "layers" + "_".join(str(x) for x in sorted(layers))
+
+
+def cache_group_layers(name: str) -> set[int]:
+    """Inverse of :func:`cache_group_name` (empty for any other name)."""
+    if not name.startswith("layers"):
+        return set()
+    try:
+        return {int(x) for x in name[len("layers"):].split("_")}
+    except ValueError:
+        return set()
+
+
 @dataclass(frozen=True)
 class SweepPlan:
     """Everything resolved before any long work: model, layers, hooks, precisions, cells, folders."""
@@ -80,9 +95,29 @@ class SweepPlan:
     def precision_names(self) -> list[str]:
         return [p.name for p in self.precisions]
 
-    def cache_dir(self, precision: str, split: str) -> Path:
-        """Activation cache folder of one precision: ``split`` is ``"train"`` or ``"eval"``."""
-        return self.out_dir / "activations" / precision / split
+    def find_cache_dir(self, precision: str, split: str, layer: int) -> Path | None:
+        """The finished activation cache holding ``layer`` at ``precision``/``split``, or None.
+
+        Caches are grouped by the layers cached in one forward pass
+        (``activations/<precision>/<split>/layers<L1>_<L2>``); see :mod:`qsae_lens.sweep.data`.
+        """
+        root = self.out_dir / "activations" / precision / split
+        if not root.is_dir():
+            return None
+        for folder in sorted(root.iterdir()):
+            if layer in cache_group_layers(folder.name) and (folder / "manifest.json").is_file():
+                return folder
+        return None
+
+    def cache_dir(self, precision: str, split: str, layer: int | None = None) -> Path:
+        """The activation cache holding ``layer`` (default: the first layer) at ``precision``;
+        ``split`` is ``"train"`` or ``"eval"``. Read it with ``load_activations(folder, hook_name)``."""
+        layer = self.layers[0] if layer is None else layer
+        found = self.find_cache_dir(precision, split, layer)
+        if found is None:
+            raise FileNotFoundError(f"No finished {split} activation cache of layer {layer} at {precision} "
+                                    f"under {self.out_dir / 'activations'}: run the caching step first.")
+        return found
 
     def step_dir(self, name: str) -> Path:
         """Folder where the step ``name`` (e.g. ``"survival"``) keeps its outputs."""

@@ -93,11 +93,19 @@ class CrosscoderStepResult:
         return f"CrosscoderStepResult(baseline={self.baseline}, {'; '.join(parts)})"
 
 
-def _cache_id(plan: Any, precision: str, split: str) -> str:
+def _cache(plan: Any, precision: str, split: str, layer: int) -> Path:
+    """The cache folder holding ``layer`` (plans group caches by layers; an older plan has one per split)."""
+    try:
+        return plan.cache_dir(precision, split, layer)
+    except TypeError:
+        return plan.cache_dir(precision, split)
+
+
+def _cache_id(plan: Any, precision: str, split: str, layer: int) -> str:
     from qsae_lens._io import file_sha256
     from qsae_lens.activations import MANIFEST
 
-    return file_sha256(plan.cache_dir(precision, split) / MANIFEST)
+    return file_sha256(_cache(plan, precision, split, layer) / MANIFEST)
 
 
 def _pair(plan: Any, precision: str, layer: int, split: str, max_norm: float | None) -> list[torch.Tensor]:
@@ -105,8 +113,8 @@ def _pair(plan: Any, precision: str, layer: int, split: str, max_norm: float | N
     from qsae_lens.activations import load_activations
 
     hook = plan.hook_name(layer)
-    ref = load_activations(plan.cache_dir(plan.baseline, split), hook)
-    other = load_activations(plan.cache_dir(precision, split), hook)
+    ref = load_activations(_cache(plan, plan.baseline, split, layer), hook)
+    other = load_activations(_cache(plan, precision, split, layer), hook)
     if ref.shape != other.shape:
         raise ValueError(f"the {plan.baseline} and {precision} {split} caches of {hook} are not aligned "
                          f"({tuple(ref.shape)} vs {tuple(other.shape)}): recache them with the same tokens")
@@ -139,7 +147,7 @@ def crosscode(plan: Any, precision: str, layers: list[int], *, max_norms: dict[s
         train = _pair(plan, precision, layer, "train", max_norm)
         evals = _pair(plan, precision, layer, "eval", max_norm)
         base_inputs = {"settings": asdict(settings), "hook": hook, "max_norm": max_norm,
-                       "baseline_train": _cache_id(plan, plan.baseline, "train")}
+                       "baseline_train": _cache_id(plan, plan.baseline, "train", layer)}
         null_dir = root / "null" / f"layer{layer}"
         run_or_reuse(null_dir, base_inputs, lambda tmp, t=train: train_crosscoder(
             [t[0], t[0].clone()], seed=seeds[0], source_names=[plan.baseline, plan.baseline], **train_kw).save(tmp / "cc"))
@@ -149,7 +157,7 @@ def crosscode(plan: Any, precision: str, layers: list[int], *, max_norms: dict[s
         for seed in seeds:
             folder = root / precision / f"layer{layer}" / f"seed{seed}"
             inputs = {**base_inputs, "seed": seed, "precision": precision,
-                      "precision_train": _cache_id(plan, precision, "train")}
+                      "precision_train": _cache_id(plan, precision, "train", layer)}
             run_or_reuse(folder, inputs, lambda tmp, s=seed, t=train, h=hook: train_crosscoder(
                 t, seed=s, source_names=[plan.baseline, precision], metadata={"hook_name": h},
                 **train_kw).save(tmp / "cc"))
@@ -240,7 +248,7 @@ def _max_norms(plan: Any, layers: list[int]) -> dict[str, float | None]:
     for layer in layers:
         hook = plan.hook_name(layer)
         out[hook] = None if ratio is None else ratio * float(
-            load_activations(plan.cache_dir(plan.baseline, "train"), hook).norm(dim=-1).median())
+            load_activations(_cache(plan, plan.baseline, "train", layer), hook).norm(dim=-1).median())
     return out
 
 
