@@ -184,3 +184,24 @@ def test_labels_and_errors(data, batchtopk):
         diff_latents(batchtopk, [a, b], threshold=0.7)
     with pytest.raises(FileNotFoundError, match="crosscoder folder"):
         CrossCoder.load("/nonexistent")
+
+
+def test_step_report_section_and_cli_errors(tmp_path):
+    from qsae_lens.cli import main
+    from qsae_lens.sweep.steps.crosscoder import (
+        CrosscoderCell,
+        CrosscoderSettings,
+        CrosscoderStepResult,
+        report_section,
+    )
+
+    cell = CrosscoderCell("nf4", 16, [0, 1], n_alive=[100, 80], only_baseline=[2, 4], only_precision=[3, 4],
+                          artefacts=[1, 0], explained_variance=[[0.8, 0.7], [0.82, 0.72]],
+                          relative_norms=[0.05, 0.5, 0.97], threshold=0.1, null_rate=0.0)
+    mean, lo, hi = cell.fraction("exclusive")
+    assert mean == pytest.approx((5 / 100 + 8 / 80) / 2) and lo <= mean <= hi
+    assert cell.fraction("artefacts")[0] == pytest.approx((1 / 5 + 0 / 8) / 2)
+    section = report_section(CrosscoderStepResult("fp32", CrosscoderSettings(), {"nf4/L16": cell}))
+    assert section.key == "crosscoder" and "<table>" in section.html and "plotly" in section.html
+    assert section.data["cells"]["nf4/L16"]["only_precision"] == [3, 4]
+    assert main(["crosscode", str(tmp_path), "--precision", "nf4"]) == 2  # not a sweep folder: one line, exit 2
