@@ -1,15 +1,19 @@
-"""qsae_lens.sweep end to end on the default model (fp32 and nf4, a tiny budget), resumability,
-interruption safety, fast bad-input errors, and the ``qsae sweep`` command line.
+"""qsae_lens.sweep end to end on the default model (fp32 and nf4, one layer, two seeds, a tiny budget).
 
-One sweep run (module fixture) serves every assertion about its outputs; the resumability tests
-come last in the file because they re-run and delete parts of that folder.
+One serial sweep (module fixture) serves the assertions about its outputs; the process-pool and
+resume tests come last because they re-run into copies of that folder. Independent truths used:
+the comparison folders' recorded inputs against the SAE files' own hashes (not the code's labels),
+SAE weights trained by a two-process pool against the serial ones byte for byte (both at one
+torch thread per job), and file modification times for "retrained nothing".
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,229 +21,145 @@ import pytest
 
 TINY = dict(
     precisions=("fp32", "nf4"),
-    train_tokens=2048,
-    training_samples=25_600,  # 100 steps of 256 over ~2,000 cached vectors (~13 epochs)
-    batch_size=256,  # _validate: train_tokens >= 4 batches, training_samples >= 10 batches
-    lr=3e-3,
-    d_sae=256,
-    k=8,
-    eval_windows=2,
-    context_size=64,
-    n_bootstrap=100,
-    n_permutations=100,
-    saelens_evals=True,
+    layers=(3,),  # an early layer: each forward stops after block 3
+    seeds=(0, 1),
+    train_tokens=512,
+    training_samples=2560,  # 40 steps of 64
+    batch_size=64,
+    d_sae=64,
+    k=4,
+    eval_windows=4,
+    context_size=32,
+    n_bootstrap=20,
+    n_permutations=20,
+    saelens_evals=False,
 )
-LAYER = 16  # the middle probe layer of the 30-layer SmolLM2
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     from qsae_lens.sweep import run_precision_sweep
 
-    out = tmp_path_factory.mktemp("sweep")
+    out = tmp_path_factory.mktemp("sweep") / "run"
     t0 = time.time()
-    result = run_precision_sweep(None, out, progress=False, **TINY)
+    result = run_precision_sweep(None, out, progress=False, threads=1, **TINY)
     return {"result": result, "out": out, "seconds": time.time() - t0}
 
 
-def _cell(report, sae, model):
-    return next(c for c in report["transfer"] if c["sae"] == sae and c["model"] == model)
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _sae_files(out: Path) -> dict[str, float]:
-    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "saes").rglob("*") if p.is_file()}
+def _plan(out):
+    from qsae_lens.sweep import SweepConfig, plan_sweep
+
+    return plan_sweep(SweepConfig(**TINY), out)
 
 
-def test_report_files_and_transfer_matrix(sweep):
-    out, report = sweep["out"], sweep["result"].report
-    for name in ("report.json", "report.md", "report.html", "transfer.json", "sweep_config.json"):
-        assert (out / name).stat().st_size > 0, name
-    assert json.loads((out / "report.json").read_text())["schema_version"] == report["schema_version"]
-    assert "plotly" in (out / "report.html").read_text()
-    assert report["config"]["layers_resolved"] == [LAYER]
-    saes = [f"fp32/L{LAYER}/s0", f"fp32/L{LAYER}/s1", f"nf4/L{LAYER}/s0"]
-    assert sorted(c["sae"] for c in report["transfer"]) == sorted(saes * 2)
-    for sae in saes:
-        for model in ("fp32", "nf4"):
-            c = _cell(report, sae, model)
-            for key in ("explained_variance", "ce_clean", "ce_spliced", "ce_mean_ablation", "ce_increase", "kl",
-                        "ce_recovered_vs_mean_ablation", "l0", "dead_fraction"):
-                assert math.isfinite(c[key]), (sae, model, key)
-            assert 0 < c["l0"] <= TINY["k"]
-            assert c["ce_spliced"] > c["ce_clean"] - 0.05
-            assert c["ce_mean_ablation"] > c["ce_spliced"]  # even a tiny SAE beats the mean
-    m = report["models"]
-    assert m["fp32"]["kl_vs_baseline"] == 0 and m["fp32"]["ce_increase_vs_baseline"] == 0
-    assert m["nf4"]["kl_vs_baseline"] > 0  # nf4 changes the model's predictions
-    assert "Q4_1" in " ".join(report["notes"])  # the default model's fp32 already went through Q4_1
+def test_report_leads_with_the_headline_and_renders_tables(sweep):
+    report, out = sweep["result"].report, sweep["out"]
+    keys = list(report["sections"])
+    assert keys[0] == "headline" and {"models", "transfer", "alignment", "training", "timings"} <= set(keys)
+    page = (out / "report.html").read_text()
+    assert page.index("Does this model") < page.index("<table")  # the answer before any table
+    assert "<pre>" not in page and page.count("<table") >= 4
+    assert page.count("plotly.js v") <= 2 and "cdn.plot.ly" not in page  # plotly.js inlined once, offline
     md = (out / "report.md").read_text()
-    assert "quantization cost" in md and f"Layer {LAYER}" in md
+    assert md.startswith("# qsae_lens precision sweep") and "| SAE \\ model |" in md
 
 
-def test_diagonal_ev_agrees_with_saelens_run_evals(sweep):
-    """evals.py's explained variance on its own model vs SAELens run_evals' for the same SAE.
-
-    Both use the same formula (1 - SS_res / SS_tot, special tokens excluded) and the same 2
-    held-out windows, but run_evals draws its batches through an ActivationsStore that shuffles
-    and cycles them, so the token multiset can differ: agreement within 0.05 absolute (measured: < 0.001 here).
-    """
-    report = sweep["result"].report
-    ours = {c["sae"]: c["explained_variance"] for c in report["transfer"] if c["sae"].startswith(c["model"] + "/")}
-    theirs = {k: v["reconstruction_quality/explained_variance"] for k, v in report["saelens_run_evals"].items()}
-    assert sorted(ours) == sorted(theirs)
-    for sae in ours:
-        assert ours[sae] == pytest.approx(theirs[sae], abs=0.05), sae
-        assert 0.1 < ours[sae] < 1.0  # trained SAEs (measured ~0.23-0.25), not noise
+def test_transfer_cells_carry_window_bootstrap_intervals(sweep):
+    plan = _plan(sweep["out"])
+    cells = sweep["result"].report["sections"]["transfer"]["cells"]
+    assert len(cells) == len(plan.cells) * len(plan.precisions)  # every seed's row at every model
+    for c in cells:
+        lo, hi = c["explained_variance_ci"]
+        assert lo <= hi and lo - 1e-9 <= c["explained_variance"] <= hi + 0.5  # point estimate inside or near
+        assert c["ce_increase_ci"][0] <= c["ce_increase_ci"][1]
 
 
-def test_comparisons_and_seed_control(sweep):
-    report = sweep["result"].report
-    kinds = {(c["kind"], c["a"], c["b"]): c for c in report["comparisons"]}
-    assert set(kinds) == {("ceiling", "fp32", "fp32"), ("floor", "random", "fp32"),
-                          ("same_seed", "nf4", "fp32"), ("different_seed", "nf4", "fp32")}
-    for c in kinds.values():
-        for name in ("decoder_matched_cosine", "decoder_mutual_nn_fraction", "activation_cka"):
-            assert name in c["metrics"], (c["name"], name)
-
-    def cos(kind):
-        return kinds[kind]["metrics"]["decoder_matched_cosine"]["value"]
-
-    same, diff = cos(("same_seed", "nf4", "fp32")), cos(("different_seed", "nf4", "fp32"))
-    ceiling, floor = cos(("ceiling", "fp32", "fp32")), cos(("floor", "random", "fp32"))
-    # a shared init keeps the latent order: same-seed pairs look alike for that reason alone
-    assert same > diff + 0.1
-    assert ceiling > floor
-    summary = report["summary"][0]["precisions"]["nf4"]
-    assert summary["precision_effect_vs_ceiling"] == pytest.approx(diff - ceiling)
-
-
-def test_saved_saes_carry_precision_metadata_and_load_as_plain_topk(sweep):
-    from sae_lens import SAE, TopKSAE
+def test_comparisons_are_keyed_by_the_saes_they_compared(sweep):
+    """Each compare folder records the content hash of the SAE files it read: recompute them from disk."""
+    from qsae_lens.sweep.comparisons import comparison_pairs
 
     out = sweep["out"]
-    for precision, seed in (("fp32", 0), ("fp32", 1), ("nf4", 0)):
-        folder = out / "saes" / precision / f"layer{LAYER}" / f"seed{seed}"
-        cfg = json.loads((folder / "cfg.json").read_text())
-        meta = cfg["metadata"]
-        for key in ("precision", "quant_type", "compute_dtype", "bitsandbytes_version", "weights_sha256", "init_seed"):
-            assert key in meta, (folder, key)
-        assert meta["precision"] == precision and meta["init_seed"] == seed
-        assert meta["hook_name"] == f"blocks.{LAYER}.hook_resid_post"
-        assert cfg["architecture"] == "topk"
-        sae = SAE.load_from_disk(str(folder))
-        assert isinstance(sae, TopKSAE) and sae.cfg.k == TINY["k"] and sae.cfg.d_sae == TINY["d_sae"]
-    nf4 = json.loads((out / "saes" / "nf4" / f"layer{LAYER}" / "seed0" / "cfg.json").read_text())["metadata"]
-    fp32 = json.loads((out / "saes" / "fp32" / f"layer{LAYER}" / "seed0" / "cfg.json").read_text())["metadata"]
-    assert nf4["quant_type"] == "nf4" and fp32["quant_type"] in (None, "none")
-    assert nf4["weights_sha256"] != fp32["weights_sha256"] or nf4["precision"] != fp32["precision"]
+    plan = _plan(out)
+    pairs = comparison_pairs(plan)
+    kinds = sorted(p.kind for p in pairs)
+    assert kinds == ["ceiling", "different_seed", "different_seed", "floor", "same_seed", "same_seed"]
+    for pair in pairs:
+        inputs = json.loads((out / "compare" / pair.name / "_done.json").read_text())["inputs"]
+        assert inputs["b"]["cell"] == pair.b.label
+        folder = pair.b.dir(out)
+        expected = hashlib.sha256()
+        for name in ("cfg.json", "sae_weights.safetensors"):
+            expected.update(name.encode())
+            expected.update(_sha(folder / name).encode())
+        assert inputs["b"]["sae"] == expected.hexdigest()
+        assert inputs["n_bootstrap"] == TINY["n_bootstrap"]
 
 
-def test_no_half_written_files_left(sweep):
-    leftovers = [p for p in sweep["out"].rglob("*") if p.name.endswith((".partial", ".tmp")) or ".tmp-" in p.name
-                 or p.name.endswith(".tmp") or ".partial" in p.name]
-    assert leftovers == []
-
-
-# ------------------------------------------------------------------------------------------
-# resumability (mutates the fixture's folder: keep these last)
-
-
-def test_rerun_retrains_nothing(sweep):
-    from qsae_lens.sweep import run_precision_sweep
-
+def test_no_temporaries_and_no_lock_left(sweep):
     out = sweep["out"]
-    before = _sae_files(out)
-    compare_before = {p: p.stat().st_mtime_ns for p in (out / "compare").rglob("report.json")}
-    transfer_before = (out / "transfer.json").stat().st_mtime_ns
-    t0 = time.time()
-    result = run_precision_sweep(None, out, progress=False, **TINY)
-    seconds = time.time() - t0
-    assert _sae_files(out) == before
-    assert {p: p.stat().st_mtime_ns for p in (out / "compare").rglob("report.json")} == compare_before
-    assert (out / "transfer.json").stat().st_mtime_ns == transfer_before
-    assert seconds < 0.6 * sweep["seconds"], (seconds, sweep["seconds"])
-    assert result.report["transfer"] == sweep["result"].report["transfer"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".partial")]
+    assert not (out / ".qsae.lock").exists()
 
 
-def test_deleting_one_cell_retrains_only_that_cell(sweep):
+def test_a_second_run_is_refused_while_the_folder_is_locked(sweep, tmp_path):
+    """A live process holds the lock: the sweep refuses with a message naming it, and writes nothing."""
+    import socket
+
+    from qsae_lens._io import FolderLockedError
     from qsae_lens.sweep import run_precision_sweep
 
-    out = sweep["out"]
-    gone = out / "saes" / "nf4" / f"layer{LAYER}" / "seed0"
-    shutil.rmtree(gone)
-    before = _sae_files(out)
-    ceiling = next((out / "compare").glob("*_ceiling_*")) / "report.json"
-    same_seed = next((out / "compare").glob("*_same_seed_*")) / "report.json"
-    ceiling_t, same_t = ceiling.stat().st_mtime_ns, same_seed.stat().st_mtime_ns
-    transfer_t = (out / "transfer.json").stat().st_mtime_ns
-
-    result = run_precision_sweep(None, out, progress=False, **{**TINY, "saelens_evals": False})  # spare ~40 s
-    after = _sae_files(out)
-    assert (gone / "cfg.json").exists()
-    assert {k: v for k, v in after.items() if k in before} == before  # the others untouched
-    assert {Path(k).parent for k in set(after) - set(before)} == {gone.relative_to(out)}
-    # results computed from the deleted SAE are recomputed; those that never used it are kept
-    assert same_seed.stat().st_mtime_ns != same_t
-    assert ceiling.stat().st_mtime_ns == ceiling_t
-    assert (out / "transfer.json").stat().st_mtime_ns != transfer_t
-    assert len(result.report["transfer"]) == 6
-    assert not [p for p in out.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
+    out = tmp_path / "locked"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".qsae.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        with pytest.raises(FolderLockedError, match=f"pid {holder.pid}"):
+            run_precision_sweep(None, out, progress=False, **TINY)
+        assert sorted(p.name for p in out.iterdir()) == [".qsae.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
 
 
-# ------------------------------------------------------------------------------------------
-# bad input: clear errors before any long work
+def test_process_pool_trains_bit_identical_weights(sweep, tmp_path):
+    """The same cells trained by ProcessPoolExecutor(max_workers=2) (one torch thread per job, as the
+    serial fixture) give byte-identical weight files."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from qsae_lens.sweep.data import data_identity
+    from qsae_lens.sweep.train import train_cells
+
+    out = tmp_path / "pool"
+    shutil.copytree(sweep["out"] / "activations", out / "activations")
+    plan = _plan(out)
+    ids = {p: data_identity(plan, p, "stdlib") for p in plan.precision_names}
+    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
+        result = train_cells(plan, {p: {} for p in plan.precision_names}, ids, pool, threads=1)
+    assert result.n_trained == len(plan.cells)
+    for key in plan.cells:
+        assert _sha(key.dir(out) / "sae_weights.safetensors") == _sha(key.dir(sweep["out"]) / "sae_weights.safetensors")
 
 
-@pytest.mark.parametrize(
-    ("overrides", "error", "match"),
-    [
-        ({"layers": (30,)}, ValueError, r"out of range: this model has layers 0\.\.29"),
-        ({"precisions": ("fp32", "int3")}, ValueError, "int3"),
-        ({"precisions": ("fp32", "nf4"), "device": "mps"}, RuntimeError, "not 'mps'|MPS is not available"),
-        ({"corpus": ["", "   \n"]}, ValueError, "corpus is empty"),
-        ({"corpus": []}, ValueError, "corpus is empty"),
-        ({"corpus": "wikipedia"}, ValueError, "Unknown corpus 'wikipedia'"),
-        ({"corpus": ["x = 1", "y = 2"]}, ValueError, "not enough for one window"),
-        ({"train_tokens": 1000, "batch_size": 1024}, ValueError, "too small to train"),
-        ({"train_tokens": 4096, "training_samples": 5000, "batch_size": 1024}, ValueError, "fewer than 10 steps"),
-        ({"seeds": (0, 1), "ceiling_seed": 1}, ValueError, "ceiling_seed=1 must differ"),
-        ({"architecture": "nope"}, ValueError, "Unknown architecture 'nope'"),
-    ],
-)
-def test_bad_input_fails_fast(tmp_path, overrides, error, match):
-    import qsae_lens.training  # noqa: F401 - pay the sae_lens import outside the timed call
+def test_changed_n_bootstrap_recomputes_comparisons_and_trains_nothing(sweep, tmp_path):
     from qsae_lens.sweep import run_precision_sweep
 
-    out = tmp_path / "run"
-    t0 = time.time()
-    with pytest.raises(error, match=match):
-        run_precision_sweep(None, out, progress=False, **{**TINY, **overrides})
-    assert time.time() - t0 < 10
-    assert not out.exists()  # no activation cache, no folder at all
-
-
-def test_cli_help(capsys):
-    from qsae_lens.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["sweep", "--help"])
-    assert exc.value.code == 0
-    text = capsys.readouterr().out
-    for option in ("--precisions", "--layers", "--train-tokens", "--ceiling-seed", "--out"):
-        assert option in text
-
-
-def test_cli_parses_arguments_into_the_sweep(tmp_path):
-    """Arguments reach run_precision_sweep: a layer out of range is reported with the valid range."""
-    from qsae_lens.cli import build_parser, main
-    from qsae_lens.sweep.run import _parse_layers_arg
-
-    argv = ["sweep", "--precisions", "fp32,nf4", "--layers", "8,16", "--seeds", "0,2", "--d-sae", "512",
-            "--out", str(tmp_path / "o")]
-    args = build_parser(argv).parse_args(argv)
-    assert args.precisions == "fp32,nf4" and args.d_sae == 512 and args.out == str(tmp_path / "o")
-    assert _parse_layers_arg(args.layers) == (8, 16)
-    assert _parse_layers_arg("probe") == "probe" and _parse_layers_arg("middle") is None
-    with pytest.raises(ValueError, match=r"Layer\(s\) \[99\] out of range: this model has layers 0\.\.29"):
-        main(["sweep", "--layers", "8,99", "--out", str(tmp_path / "o")])
-    assert not (tmp_path / "o").exists()
+    out = tmp_path / "resume"
+    shutil.copytree(sweep["out"], out)
+    plan = _plan(out)
+    weights = {k: (k.dir(out) / "sae_weights.safetensors").stat().st_mtime_ns for k in plan.cells}
+    done = {p.parent.name: p.read_text() for p in (out / "compare").glob("*/_done.json")}
+    result = run_precision_sweep(None, out, progress=False, threads=1, **{**TINY, "n_bootstrap": 30})
+    assert {k: (k.dir(out) / "sae_weights.safetensors").stat().st_mtime_ns for k in plan.cells} == weights
+    assert not any(v["trained_in_this_run"] for v in result.report["sections"]["training"].values())
+    for name, text in done.items():
+        new = json.loads((out / "compare" / name / "_done.json").read_text())["inputs"]
+        assert new["n_bootstrap"] == 30 and json.loads(text)["inputs"]["n_bootstrap"] == 20
+    # the models' numbers do not depend on n_bootstrap
+    assert result.report["sections"]["models"] == sweep["result"].report["sections"]["models"] or \
+        all(abs(result.report["sections"]["models"][p]["ce_loss"] - sweep["result"].report["sections"]["models"][p]["ce_loss"]) < 1e-9
+            for p in result.report["sections"]["models"])
