@@ -75,22 +75,28 @@ def test_permuted_latents_match_perfectly_while_diagonal_is_low():
 
 
 def test_rotated_model_space_raw_near_null_procrustes_matched_near_one():
+    # The moment start is computed from each training fold only, so it needs a spectrum that half the latents
+    # identify (distinct eigenvalues) and skewed coordinates (third-moment signs): real dictionaries have both;
+    # an isotropic Gaussian has neither, and no pairing-free start can find its rotation from a subsample.
     n, d = 512, 32
-    a = torch.randn(n, d, generator=_gen(4))
+    a = (torch.randn(n, d, generator=_gen(4)) ** 2 - 0.5) * torch.logspace(0, -3, d)
     q = _random_orthogonal(d, 5)
     perm = torch.randperm(n, generator=_gen(6))
     b = (a @ q)[perm]
 
-    null = best_match_null(n, n, d)
     raw = float(best_match(a, b).cosine.mean())
-    assert abs(raw - null.mean) < 6 * null.std + 0.01, (raw, null)
+    assert raw < 0.6, raw  # the rotation scrambles the directions
 
     res = procrustes_matched(a, b, max_iter=5)
     assert res.matched_cosine_cv > 0.999
     assert res.matched_cosine_in_sample > 0.999
     assert res.raw_matched_cosine < 0.5
-    # the map it found is the rotation that was applied (ground truth), up to float error
-    assert torch.allclose(res.rotation, q, atol=1e-3)
+    # the map it found does to a what the applied rotation does (ground truth), up to float32 error on the
+    # 1e-3-scale directions
+    mapped = torch.nn.functional.cosine_similarity(a @ res.rotation, a @ q, dim=1)
+    assert float(mapped.min()) > 0.9999
+    assert torch.allclose(res.rotation, q, atol=5e-3)
+    assert all(torch.allclose(r, q, atol=5e-3) for r in res.fold_maps)  # each fold's out-of-sample map too
 
     # the methodology's row-in-order fit: right only when the order is known, misleading when it is not
     assert procrustes_rowwise_naive(a, a @ q).mean_cosine == pytest.approx(1.0, abs=1e-5)
@@ -151,7 +157,7 @@ def test_analytic_null_matches_formula_and_simulation(tmp_path):
     for q in (0.05, 0.5, 0.95):
         assert null.per_latent_quantiles[q] == pytest.approx(np.quantile(maxima, q), abs=0.01)
 
-    sims = simulate_alignment_nulls(200, 300, d, n_draws=6, seed=1, cache_dir=tmp_path)
+    sims = simulate_alignment_nulls(200, 300, d, n_draws=6, seed=1, cache_dir=tmp_path, use_cache=True)
     analytic = best_match_null(200, 300, d)
     assert sims.best_match_ab.mean == pytest.approx(analytic.mean, abs=3 * analytic.std)
     assert sims.best_match_ab.per_latent_std == pytest.approx(analytic.per_latent_std, rel=0.1)
@@ -160,7 +166,7 @@ def test_analytic_null_matches_formula_and_simulation(tmp_path):
     path = tmp_path / "alignment_na200_nb300_d40_seed1_draws6.json"
     stamp = path.stat().st_mtime_ns
     assert json.loads(path.read_text())["version"] == 1
-    assert simulate_alignment_nulls(200, 300, d, n_draws=6, seed=1, cache_dir=tmp_path) == sims
+    assert simulate_alignment_nulls(200, 300, d, n_draws=6, seed=1, cache_dir=tmp_path, use_cache=True) == sims
     assert path.stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
 
@@ -257,3 +263,25 @@ def test_runs_on_gpu_and_agrees_with_cpu():
     assert m.cosine.is_cuda and m.mean_cosine == pytest.approx(
         one_to_one_matching(a, b).mean_cosine, abs=1e-3
     )
+
+
+def test_same_space_saes_keep_the_identity_map():
+    """Same-space SAEs (the true map is the identity) sharing 30% of their latents: the inner CV must keep
+    the identity, whose held-out score is then at least the fitted rotation's (issue 9: CV Procrustes 0.161
+    against identity-CV 0.253 before)."""
+    n, d, shared = 320, 48, 96
+    gen = _gen(21)
+    common = torch.randn(shared, d, generator=gen)
+    a = torch.cat([common + 0.15 * torch.randn(shared, d, generator=gen), torch.randn(n - shared, d, generator=gen)])
+    b = torch.cat([common + 0.15 * torch.randn(shared, d, generator=gen), torch.randn(n - shared, d, generator=gen)])
+    b = b[torch.randperm(n, generator=gen)]
+    res = procrustes_matched(a, b, max_iter=4)
+    assert res.chosen_maps == ("identity", "identity")
+    assert res.chosen_map == "identity"
+    # the chosen map's CV score is the identity's, and it beats the rotation's in-fold fit scored out of fold
+    assert res.matched_cosine_cv == pytest.approx(res.identity_cv, abs=1e-9)
+    # 30% of latents shared (cosine ~0.98) lift the held-out mean well above the unrelated 70%
+    # against an unrelated b of the same shape (the same folds), the shared 30% lift the held-out mean by
+    # about 0.3 x (0.98 - 0.34) ~ 0.19
+    unrelated = procrustes_matched(a, torch.randn(n, d, generator=gen), max_iter=2)
+    assert res.identity_cv > unrelated.identity_cv + 0.1

@@ -74,7 +74,8 @@ class ProcrustesResult(NamedTuple):
     """Orthogonal map a -> b fitted on one-to-one matched pairs, with an honest cross-validated score."""
 
     matched_cosine_cv: float
-    """Headline: mean matched cosine of held-out latents under a map fitted without them."""
+    """Headline: mean matched cosine of held-out latents under the map (identity or rotation) chosen and
+    fitted without them."""
     cv_cosine: Tensor
     """Tensor[n_test_total] float32: the held-out matched cosines of all folds, concatenated (for CIs)."""
     fold_cosines: tuple[float, ...]
@@ -86,13 +87,29 @@ class ProcrustesResult(NamedTuple):
     raw_matched_cosine: float
     """Mean matched cosine with no map (identity)."""
     rotation: Tensor
-    """Tensor[d, d] float32: orthogonal R fitted on all matched pairs, ``a_unit @ R ~ b_unit[cols]``."""
+    """Tensor[d, d] float32: orthogonal R fitted on all matched pairs, ``a_unit @ R ~ b_unit[cols]``
+    (in-sample: for inspection only, never for held-out data)."""
     matching: Matching
     """The in-sample matching under ``rotation``."""
     init: str
     """Starting map that won: ``"identity"`` or ``"moments"`` (eigenbases of AᵀA, BᵀB, signs by 3rd moments)."""
     n_iter: int
     """Match -> fit iterations used by the full (in-sample) fit."""
+    identity_cv: float = float("nan")
+    """Mean held-out matched cosine under the identity map, same folds and held-out b latents as the CV score."""
+    identity_cv_cosine: Tensor | None = None
+    """Tensor[n_test_total] float32: the identity's held-out matched cosines (for CIs)."""
+    chosen_maps: tuple[str, ...] = ()
+    """Per outer fold: ``"identity"`` or ``"rotation"``, chosen by inner CV on that fold's training latents."""
+    fold_maps: tuple[Tensor, ...] = ()
+    """Per outer fold: the chosen map Tensor[d, d] (identity or the rotation fitted without that fold's
+    latents). Apply these, never ``rotation`` (in-sample), to held-out data."""
+
+    @property
+    def chosen_map(self) -> str:
+        """``"identity"`` when most folds chose it (ties too), else ``"rotation"``."""
+        n_id = sum(c == "identity" for c in self.chosen_maps)
+        return "identity" if 2 * n_id >= len(self.chosen_maps) else "rotation"
 
 
 class NaiveProcrustesResult(NamedTuple):
@@ -479,6 +496,37 @@ def _fit_iterate(
     return r, m, n_iter
 
 
+def _choose_start(a: Tensor, b: Tensor, kw: dict) -> tuple[str, Tensor, Matching]:
+    """Identity or moment start (whichever matches ``a`` to ``b`` better), computed from ``a`` and ``b`` only."""
+    d = a.shape[1]
+    raw = one_to_one_matching(a, b, **kw)
+    r_mom = _moment_rotation(a, b)
+    mom = one_to_one_matching(a @ r_mom, b, **kw)
+    if mom.mean_cosine > raw.mean_cosine:
+        return "moments", r_mom, mom
+    return "identity", torch.eye(d, device=a.device), raw
+
+
+def _held_out(a_test: Tensor, b: Tensor, r: Tensor, train_cols: Tensor, kw: dict) -> Matching:
+    """Match held-out rows of a (under the fixed map r) one-to-one to the rows of b the training left free."""
+    free = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
+    free[train_cols] = False
+    return one_to_one_matching(a_test @ r, b[free], **kw)
+
+
+def _fold_scores(
+    a_tr: Tensor, a_te: Tensor, b: Tensor, max_iter: int, kw: dict
+) -> tuple[Matching, Matching, Tensor]:
+    """Held-out matchings of ``a_te`` under the identity and under a map fitted on ``a_tr`` only
+    (its start, identity or moments, also from ``a_tr`` only); returns (identity, fitted, fitted map)."""
+    d = a_tr.shape[1]
+    eye = torch.eye(d, device=a_tr.device)
+    _, r0, first = _choose_start(a_tr, b, kw)
+    r_f, m_f, _ = _fit_iterate(a_tr, b, r0, first, max_iter, kw)
+    m_id = one_to_one_matching(a_tr, b, **kw)
+    return _held_out(a_te, b, eye, m_id.cols, kw), _held_out(a_te, b, r_f, m_f.cols, kw), r_f
+
+
 def procrustes_matched(
     a: Tensor,
     b: Tensor,
@@ -491,18 +539,21 @@ def procrustes_matched(
     block_size: int = 4096,
     matching: Matching | None = None,
 ) -> ProcrustesResult:
-    """Orthogonal map between the two direction spaces fitted on matched latents, scored on held-out latents.
+    """Orthogonal map between the two direction spaces, chosen and scored on held-out latents.
 
     a: Tensor[n_a, d], b: Tensor[n_b, d] raw directions (decoder rows; unit-normalised here).
 
     Why not the methodology's fit: a rotation fitted row by row assumes latent i of a is latent i of b, which is
-    false for independently trained SAEs, and d**2 free parameters raise any in-sample score. So: start from the
-    identity or from a pairing-free moment alignment (whichever matches better), then alternate one-to-one
-    matching and ``scipy.linalg.orthogonal_procrustes`` while the matched cosine improves. Cross-validation
-    splits the latents of ``a`` into ``cv_folds`` folds; for each, the map is fitted (match -> fit) on the other
-    folds, and the held-out latents are matched one-to-one, under that fixed map, to the latents of ``b`` the
-    training matching left free. The mean of those held-out cosines is the headline; read it against the
-    random null of a ``test_shape`` matching. The moment start uses all of a and b but no pairing.
+    false for independently trained SAEs, and d**2 free parameters raise any in-sample score. Here the map is
+    either the identity or a rotation fitted by alternating one-to-one matching and
+    ``scipy.linalg.orthogonal_procrustes`` (started from the identity or a pairing-free moment alignment,
+    whichever matches better). Outer cross-validation splits a's latents into ``cv_folds`` folds. In each, on
+    the training latents only, an inner 2-fold cross-validation compares the identity with the fitted rotation
+    and picks the better (ties go to the identity: it has no free parameter); the chosen map, fitted on the
+    training latents (its moment start too), scores the held-out latents, matched one-to-one to the latents of
+    b the training matching left free. Same-space SAEs (true map = identity) therefore keep the identity
+    instead of paying for d² fitted parameters. ``identity_cv_cosine`` is the identity's score under the same
+    folds, reported beside the chosen map's.
 
     ``matching``: ``one_to_one_matching(a, b)`` when the caller already has it (same ``exact_max``,
     ``k_candidates``), so the raw matching is not solved twice.
@@ -513,10 +564,10 @@ def procrustes_matched(
     n_a, n_b, d = a_u.shape[0], b_u.shape[0], a_u.shape[1]
     n_test = n_a // cv_folds
     n_train = n_a - n_test
-    if n_test < 1 or n_b - min(n_train, n_b) < 1:
+    if n_test < 2 or n_b - min(n_train, n_b) < 1:
         raise ValueError(
             f"a has {n_a} and b has {n_b} latents: too few to hold out {cv_folds} folds with b latents left "
-            "for the held-out ones (need n_a >= cv_folds and n_b > n_a - n_a // cv_folds)"
+            "for the held-out ones (need n_a >= 2 * cv_folds and n_b > n_a - n_a // cv_folds)"
         )
     if min(n_train, n_b) < d:
         warnings.warn(
@@ -532,32 +583,41 @@ def procrustes_matched(
             f"({n_b} rows) has {min(n_a, n_b)}: pass one_to_one_matching(a, b) or None"
         )
     raw = matching if matching is not None else one_to_one_matching(a_u, b_u, **kw)
-    r_mom = _moment_rotation(a_u, b_u)
-    mom = one_to_one_matching(a_u @ r_mom, b_u, **kw)
-    if mom.mean_cosine > raw.mean_cosine:
-        init, r0, first = "moments", r_mom, mom
-    else:
-        init, r0, first = "identity", torch.eye(d, device=a_u.device), raw
 
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n_a, generator=gen).to(a_u.device)
     folds = torch.tensor_split(perm, cv_folds)
     fold_cos: list[float] = []
     held_out: list[Tensor] = []
+    identity_held_out: list[Tensor] = []
+    chosen: list[str] = []
+    fold_maps: list[Tensor] = []
     test_shape = (0, 0)
+    eye = torch.eye(d, device=a_u.device)
     for f, test_idx in enumerate(folds):
         train_idx = torch.cat([folds[g] for g in range(cv_folds) if g != f])
         a_tr = a_u[train_idx]
-        r_f, m_f, _ = _fit_iterate(a_tr, b_u, r0, None, max_iter, kw)
-        free = torch.ones(n_b, dtype=torch.bool, device=b_u.device)
-        free[m_f.cols] = False
-        test_m = one_to_one_matching(a_u[test_idx] @ r_f, b_u[free], **kw)
+        # inner CV on the training latents only: identity or fitted rotation?
+        inner = torch.tensor_split(train_idx[torch.randperm(train_idx.numel(), generator=gen).to(a_u.device)], 2)
+        score_id = score_fit = 0.0
+        for i in range(2):
+            m_id, m_fit, _ = _fold_scores(a_u[inner[1 - i]], a_u[inner[i]], b_u, max_iter, kw)
+            score_id += m_id.mean_cosine
+            score_fit += m_fit.mean_cosine
+        m_id, m_fit, r_f = _fold_scores(a_tr, a_u[test_idx], b_u, max_iter, kw)
+        use_identity = score_id >= score_fit
+        chosen.append("identity" if use_identity else "rotation")
+        test_m = m_id if use_identity else m_fit
+        fold_maps.append(eye if use_identity else r_f)
         held_out.append(test_m.cosine)
+        identity_held_out.append(m_id.cosine)
         fold_cos.append(test_m.mean_cosine)
-        test_shape = (int(test_idx.shape[0]), int(free.sum()))
+        test_shape = (int(test_idx.shape[0]), int(n_b - min(n_train, n_b)))
 
+    init, r0, first = _choose_start(a_u, b_u, kw)
     r_all, m_all, n_iter = _fit_iterate(a_u, b_u, r0, first, max_iter, kw)
     cv = torch.cat(held_out)
+    id_cv = torch.cat(identity_held_out)
     return ProcrustesResult(
         matched_cosine_cv=float(cv.double().mean()),
         cv_cosine=cv,
@@ -569,6 +629,10 @@ def procrustes_matched(
         matching=m_all,
         init=init,
         n_iter=n_iter,
+        identity_cv=float(id_cv.double().mean()),
+        identity_cv_cosine=id_cv,
+        chosen_maps=tuple(chosen),
+        fold_maps=tuple(fold_maps),
     )
 
 

@@ -202,10 +202,11 @@ def compare_saes(
     n_bootstrap: int = 1000,
     n_permutations: int = 10000,
     seed: int = 0,
-    null: str = "auto",
+    null: str = "anisotropic",
     device: str | torch.device | None = None,
     progress: bool = True,
     batch_size: int = 1024,
+    cache_nulls: bool = False,
 ) -> ComparisonReport:
     """Compare two SAEs trained on the same space (two precisions, two seeds, two layers).
 
@@ -222,7 +223,16 @@ def compare_saes(
     Procrustes map), and latent categories from the codes. Without them, categories come from the
     checkpoints' ``sparsity.safetensors`` when present.
 
-    ``null``: "auto" | "analytic" | "simulate" | "none" (how the random-SAE baseline is obtained).
+    ``null``: what "the two SAEs share nothing" means for every weight metric's null value and p-value.
+    "anisotropic" (default): random directions from N(0, Σ_target), Σ the second moment of the target
+    dictionary's unit rows (b's for a->b, a's for b->a; ``qsae_lens.compare.nulls``), so a dictionary
+    concentrated in a subspace or with a power-law spectrum is read against random dictionaries shaped the
+    same way. "isotropic": uniform directions with the analytic best-match null and the simulated
+    matching/MNN nulls (the old default; "auto", "analytic" and "simulate" choose how its reference means
+    are obtained, "auto" meaning anisotropic since it is the default). "none": no nulls. Each metric's
+    ``null_kind`` names the null it was read against. ``cache_nulls`` (default False): read and write the
+    simulated isotropic nulls' JSON cache under ``qsae_lens.assets.cache_dir()/nulls``; by default
+    ``compare_saes`` writes no file.
     Raises ValueError for different d_in, NaN/Inf weights, or an unreadable checkpoint; different
     hooks or models only add a warning to the report.
     """
@@ -230,6 +240,9 @@ def compare_saes(
 
     if null not in _NULL_MODES:
         raise ValueError(f"null must be one of {', '.join(_NULL_MODES)}; got {null!r}")
+    if null == "auto":
+        null = "anisotropic"
+    kind = null_kind(null)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     la = load_sae_for_comparison(a, label="a")
     lb = load_sae_for_comparison(b, label="b")
@@ -250,7 +263,9 @@ def compare_saes(
 
     n_steps = 7 + (6 if xs is not None else 0)
     bar = tqdm(total=n_steps, desc="compare_saes", disable=not progress, leave=False)
-    ctx = _Context(n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed, bar=bar)
+    ctx = _Context(
+        n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed, bar=bar, cache_nulls=cache_nulls, null_kind=kind
+    )
     metrics: dict[str, MetricResult] = {}
     distributions: dict[str, Any] = {}
     notes: list[str] = []
@@ -282,6 +297,7 @@ def compare_saes(
         "n_permutations": n_permutations,
         "seed": seed,
         "null": null,
+        "cache_nulls": cache_nulls,
         "device": str(dev),
         "activations": xs is not None,
         "n_tokens": int(xs[0].shape[0]) if xs is not None else None,
@@ -305,6 +321,8 @@ class _Context:
     n_permutations: int
     seed: int
     bar: Any
+    cache_nulls: bool = False
+    null_kind: str | None = None
 
     def step(self, what: str) -> None:
         self.bar.set_postfix_str(what)
@@ -425,20 +443,41 @@ def _adjust_p_values(metrics: dict[str, MetricResult]) -> None:
         metrics[n] = metrics[n]._replace(p_value_holm=float(p_holm[i]), p_value_bh=float(p_bh[i]))
 
 
-_NULL_MODES = ("auto", "analytic", "simulate", "none")
+_NULL_MODES = ("anisotropic", "isotropic", "auto", "analytic", "simulate", "none")
+
+
+def null_kind(null: str) -> str | None:
+    """The kind of weight-metric null a ``compare_saes(null=...)`` mode uses: anisotropic, isotropic or None."""
+    if null in ("anisotropic", "auto"):
+        return "anisotropic"
+    if null in ("isotropic", "analytic", "simulate"):
+        return "isotropic"
+    return None
 
 
 def reference_nulls(
-    n_a: int, n_b: int, d: int, mode: str, *, seed: int = 0, block_size: int = 4096, device: Any = "cpu"
+    n_a: int,
+    n_b: int,
+    d: int,
+    mode: str,
+    *,
+    seed: int = 0,
+    block_size: int = 4096,
+    device: Any = "cpu",
+    use_cache: bool = False,
 ) -> dict[str, float]:
     """Expected value of each weight metric between random SAEs of shapes [n_a, d] and [n_b, d]
     (``qsae_lens.compare.nulls``): the "null" column of the report.
 
-    ``mode``: "auto" (analytic best-match, simulated-and-cached matching/MNN), "analytic" (only what has
-    a closed form: best match), "simulate" (everything simulated), "none" (no nulls).
+    ``mode``: "auto"/"isotropic" (analytic best-match, simulated matching/MNN), "analytic" (only what has
+    a closed form: best match), "simulate" (everything simulated), "none" or "anisotropic" (no reference
+    means here: the anisotropic null's mean is that of its sample, drawn against the real dictionaries).
+    ``use_cache``: read/write the simulated nulls' JSON cache (default False: no file written).
     """
-    if mode == "none":
+    if mode in ("none", "anisotropic"):
         return {}
+    if mode == "isotropic":
+        mode = "auto"
     from qsae_lens.compare import nulls
 
     out: dict[str, float] = {}
@@ -446,7 +485,9 @@ def reference_nulls(
         out["best_match_ab"] = nulls.best_match_null(n_a, n_b, d).mean
         out["best_match_ba"] = nulls.best_match_null(n_b, n_a, d).mean
     if mode in ("auto", "simulate"):
-        sim = nulls.simulate_alignment_nulls(n_a, n_b, d, seed=seed, block_size=block_size, device=device)
+        sim = nulls.simulate_alignment_nulls(
+            n_a, n_b, d, seed=seed, block_size=block_size, device=device, use_cache=use_cache
+        )
         out.setdefault("best_match_ab", sim.best_match_ab.mean)
         out.setdefault("best_match_ba", sim.best_match_ba.mean)
         out["matched"] = sim.matched_cosine.mean
@@ -477,6 +518,15 @@ def _random_like(n: int, d: int, seed: int, device: torch.device) -> Tensor:
     return torch.randn(n, d, generator=gen).to(device)
 
 
+def _null_directions(ref: Tensor, n: int, d: int, seed: int, device: torch.device, kind: str) -> Tensor:
+    """Random directions Tensor[n, d] of the given null kind; anisotropic ones share ``ref``'s second moment."""
+    if kind == "anisotropic":
+        from qsae_lens.compare.nulls import anisotropic_directions
+
+        return anisotropic_directions(ref.detach().float().cpu(), n, seed=seed, device=device)
+    return _random_like(n, d, seed, device)
+
+
 def _weight_metrics(
     dec_a: Tensor,
     dec_b: Tensor,
@@ -500,20 +550,25 @@ def _weight_metrics(
     )
 
     n_a, n_b, d = dec_a.shape[0], dec_b.shape[0], dec_a.shape[1]
-    ref = reference_nulls(n_a, n_b, d, null, seed=ctx.seed, block_size=block_size, device=dev)
+    kind = null_kind(null)
+    ref = reference_nulls(
+        n_a, n_b, d, null, seed=ctx.seed, block_size=block_size, device=dev, use_cache=ctx.cache_nulls
+    )
     ctx.step("null baselines")
     # A null sample: each SAE against random directions of the other's shape (seeded). For isotropic
     # random directions the per-latent best-match cosine has the same law whatever the fixed latent
     # is, so these are draws from the random-vs-random null, paired latent by latent with the
     # observed values (which the paired permutation test needs).
+    # With the anisotropic null the random SAE of b's shape has b's second moment (its subspace and
+    # spectrum), so the null values are those of a against "b without its features".
     ns = _NullSample()
-    if null != "none":
-        rand_b = _random_like(n_b, d, ctx.seed + 1, dev)
-        rand_a = _random_like(n_a, d, ctx.seed + 2, dev)
+    if kind is not None:
+        rand_b = _null_directions(dec_b, n_b, d, ctx.seed + 1, dev, kind)
+        rand_a = _null_directions(dec_a, n_a, d, ctx.seed + 2, dev, kind)
 
     bm_ab, bm_ba = best_match_both(dec_a, dec_b, block_size=block_size)
     mnn = mutual_nearest_neighbours(dec_a, dec_b, matches=(bm_ab, bm_ba))
-    if null != "none":
+    if kind is not None:
         null_both = best_match_both(dec_a, rand_b, block_size=block_size)  # also serves the MNN null
         ns.best_match_ab = null_both[0].cosine
         ns.best_match_ba = best_match(dec_b, rand_a, block_size=block_size).cosine
@@ -539,9 +594,11 @@ def _weight_metrics(
     if enc_a is not None and enc_b is not None:
         enc_a, enc_b = enc_a.to(dev), enc_b.to(dev)
         e_ab, e_ba = best_match_both(enc_a, enc_b, block_size=block_size)
-        if null != "none":
-            ns.encoder_best_match_ab = best_match(enc_a, rand_b, block_size=block_size).cosine
-            ns.encoder_best_match_ba = best_match(enc_b, rand_a, block_size=block_size).cosine
+        if kind is not None:
+            rand_eb = _null_directions(enc_b, n_b, d, ctx.seed + 3, dev, kind) if kind == "anisotropic" else rand_b
+            rand_ea = _null_directions(enc_a, n_a, d, ctx.seed + 4, dev, kind) if kind == "anisotropic" else rand_a
+            ns.encoder_best_match_ab = best_match(enc_a, rand_eb, block_size=block_size).cosine
+            ns.encoder_best_match_ba = best_match(enc_b, rand_ea, block_size=block_size).cosine
         _add_mean_metric(
             metrics,
             "encoder_cosine_best_match_ab",
@@ -567,7 +624,7 @@ def _weight_metrics(
     ctx.step("encoder best match")
 
     matching = one_to_one_matching(dec_a, dec_b, block_size=block_size)
-    if null != "none":
+    if kind is not None:
         ns.matched = one_to_one_matching(dec_a, rand_b, block_size=block_size).cosine
     ctx.step("one-to-one matching")
     r_m = ref.get("matched")
@@ -596,6 +653,7 @@ def _add_mean_metric(
     ctx: _Context,
     *,
     null_mean: float | None = None,
+    null_kind: str | None = None,
 ) -> None:
     """A mean over latents with its bootstrap CI, the null's mean and the paired permutation p-value
     of observed against null values (one per latent)."""
@@ -613,9 +671,12 @@ def _add_mean_metric(
         if null is None and nv.numel():
             null = float(nv.mean())
         m = min(v.numel(), nv.numel())
-        if m >= 2:
-            p = paired_permutation_test(v[:m], nv[:m], n_permutations=ctx.n_permutations, seed=ctx.seed)
-    metrics[name] = MetricResult(est.value, est.ci_low, est.ci_high, null, p)
+        if m >= 2:  # one-sided: the question is whether the SAEs share more than the null does
+            p = paired_permutation_test(
+                v[:m], nv[:m], n_permutations=ctx.n_permutations, seed=ctx.seed, alternative="greater"
+            )
+    kind = (null_kind or ctx.null_kind) if (null_values is not None or null is not None) else None
+    metrics[name] = MetricResult(est.value, est.ci_low, est.ci_high, null, p, null_kind=kind)
 
 
 def _procrustes_metric(
@@ -645,30 +706,34 @@ def _procrustes_metric(
         metrics["decoder_procrustes_matched_cosine"] = MetricResult(float("nan"))
         ctx.step(f"procrustes skipped: {e}")
         return None
-    # Under "b shares nothing with a", the held-out latents of a (under a map fitted without them)
-    # meet directions that are random to them: the held-out matched cosines are those of a random
-    # matching of test_shape (one per fold), which is cheap to draw and to take from the nulls cache.
+    # Under "b shares nothing with a", the held-out latents of a (under a map chosen without them) meet
+    # directions that are random to them: the held-out matched cosines are those of a matching of
+    # test_shape between a's held-out rows and null directions of b's kind (one per fold).
     null_cos, null_mean = None, None
-    if null != "none":
+    if ctx.null_kind is not None:
         from qsae_lens.compare.alignment import one_to_one_matching
 
         n_t, m_t = res.test_shape
+        gen = torch.Generator().manual_seed(ctx.seed + 10)
         null_cos = torch.cat(
             [
                 one_to_one_matching(
-                    _random_like(n_t, d, ctx.seed + 10 + 2 * f, dec_a.device),
-                    _random_like(m_t, d, ctx.seed + 11 + 2 * f, dec_a.device),
+                    dec_a[torch.randperm(dec_a.shape[0], generator=gen)[:n_t].to(dec_a.device)],
+                    _null_directions(dec_b, m_t, d, ctx.seed + 11 + 2 * f, dec_a.device, ctx.null_kind),
                     block_size=block_size,
                 ).cosine
                 for f in range(len(res.fold_cosines))
             ]
         )
-        if null in ("auto", "simulate"):
+        if null in ("isotropic", "simulate"):
             null_mean = reference_nulls(n_t, m_t, d, "simulate", seed=ctx.seed, block_size=block_size,
-                                        device=dec_a.device)["matched"]  # fmt: skip
+                                        device=dec_a.device, use_cache=ctx.cache_nulls)["matched"]  # fmt: skip
     _add_mean_metric(
         metrics, "decoder_procrustes_matched_cosine", res.cv_cosine, null_cos, ctx, null_mean=null_mean
     )
+    if res.identity_cv_cosine is not None:
+        _add_mean_metric(metrics, "decoder_identity_cv_cosine", res.identity_cv_cosine, null_cos, ctx,
+                         null_mean=null_mean)  # fmt: skip
     ctx.step("procrustes")
     return res
 
@@ -758,10 +823,11 @@ def _activation_metrics(
         est = bootstrap_ci(corr, n_resamples=ctx.n_bootstrap, seed=ctx.seed)
         # under "token order unrelated" each Pearson correlation is symmetric about 0: sign-flip test
         p = paired_permutation_test(
-            corr, torch.zeros_like(corr), n_permutations=ctx.n_permutations, seed=ctx.seed
-        )
+            corr, torch.zeros_like(corr), n_permutations=ctx.n_permutations, seed=ctx.seed,
+            alternative="greater",
+        )  # fmt: skip
         metrics["latent_activation_correlation_matched"] = MetricResult(
-            est.value, est.ci_low, est.ci_high, 0.0, p
+            est.value, est.ci_low, est.ci_high, 0.0, p, null_kind="sign-flip"
         )
     else:
         notes.append(
@@ -779,12 +845,13 @@ def _activation_metrics(
             float(cross_reconstruction_explained_variance(sae_a.encode, sae_a.decode, x_b))
         )
         if procrustes is not None:
-            # the fitted R maps a's directions into b's space (W_dec_a @ R ≈ W_dec_b), so x_b @ Rᵀ is
-            # b's activations expressed in a's space, where SAE a can read them
+            # the map chosen by CV without fold 0's latents (identity, or R with W_dec_a @ R ≈ W_dec_b),
+            # never the in-sample rotation: x_b @ Rᵀ is b's activations expressed in a's space
+            r_cv = procrustes.fold_maps[0] if procrustes.fold_maps else procrustes.rotation
             metrics["cross_reconstruction_explained_variance_ab_procrustes"] = MetricResult(
                 float(
                     cross_reconstruction_explained_variance(
-                        sae_a.encode, sae_a.decode, x_b, rotation=procrustes.rotation.cpu().T
+                        sae_a.encode, sae_a.decode, x_b, rotation=r_cv.cpu().T
                     )
                 )
             )

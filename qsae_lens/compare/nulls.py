@@ -9,6 +9,14 @@ density proportional to (1 - t²)^((d-3)/2) on [-1, 1], i.e. (T + 1) / 2 ~ Beta(
 ``a`` against n_b independent rows of ``b`` has best match M = max of n_b iid copies, with CDF F(t)^n_b, so
 E[M] = 1 - ∫ F(t)^n_b dt and E[M²] = 1 - ∫ 2t F(t)^n_b dt over [-1, 1] (integration by parts), integrated
 with ``scipy.integrate.quad``; quantiles are exact, F⁻¹(q^(1/n_b)).
+
+Anisotropy-matched null (the default of ``compare_saes``). Real dictionaries are not spread evenly over
+the d dimensions: two dictionaries with no shared feature that both live in the same low-dimensional
+subspace, or share a power-law spectrum, match each other far above the isotropic null above. The
+anisotropic null draws random directions from N(0, Σ_b) with Σ_b = U_bᵀU_b / n_b the second moment of the
+target dictionary's unit rows U_b (:func:`anisotropic_directions`), so a random SAE has b's spectrum and
+subspace but no feature of b. :func:`anisotropic_random_sae_like` builds a whole SAE that way (the sweep's
+floor), and :func:`covariance_matched_activations` is the matching null for activation metrics.
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 __all__ = [
     "QUANTILES",
@@ -32,6 +41,10 @@ __all__ = [
     "simulate_alignment_nulls",
     "matched_cosine_null",
     "mutual_nn_null",
+    "second_moment",
+    "anisotropic_directions",
+    "anisotropic_random_sae_like",
+    "covariance_matched_activations",
 ]
 
 #: Quantile levels reported for every null.
@@ -200,17 +213,10 @@ def _cache_path(
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
+    from qsae_lens._io import atomic_write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, obj)
 
 
 def simulate_alignment_nulls(
@@ -222,14 +228,15 @@ def simulate_alignment_nulls(
     seed: int = 0,
     block_size: int = 4096,
     device: str | torch.device = "cpu",
-    use_cache: bool = True,
+    use_cache: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> AlignmentNulls:
     """Simulate best-match (both ways), one-to-one matched cosine and MNN fraction between random SAEs.
 
     Each draw samples a: [n_a, d] and b: [n_b, d] with iid Gaussian entries (uniform directions after
-    normalisation, seeded) and runs the same blockwise functions as the real comparison. Results are cached as
-    JSON under ``cache_dir`` (default ``qsae_lens.assets.cache_dir()/nulls``), keyed by shape, seed and n_draws.
+    normalisation, seeded) and runs the same blockwise functions as the real comparison. With ``use_cache=True``
+    (default False: nothing is written unless asked) results are read from and written to JSON under
+    ``cache_dir`` (default ``qsae_lens.assets.cache_dir()/nulls``), keyed by shape, seed and n_draws.
     Cost is that of ``n_draws`` full comparisons: minutes per draw at 65,536 latents x 2048 on 2 CPU cores.
     """
     from qsae_lens.compare.alignment import best_match_both, mutual_nearest_neighbours, one_to_one_matching
@@ -284,3 +291,145 @@ def matched_cosine_null(n_a: int, n_b: int, d: int, **kwargs) -> NullDistributio
 def mutual_nn_null(n_a: int, n_b: int, d: int, **kwargs) -> NullDistribution:
     """Simulated null of the mutual-nearest-neighbour fraction (keyword args as ``simulate_alignment_nulls``)."""
     return simulate_alignment_nulls(n_a, n_b, d, **kwargs).mutual_nn_fraction
+
+
+# ------------------------------------------------------------------------------ anisotropy-matched nulls
+def second_moment(w: Tensor) -> Tensor:
+    """Σ = UᵀU / n (Tensor[d, d], float64) of the unit-normalised rows U of ``w``: Tensor[n, d].
+
+    Its trace is 1; its eigenvalues say how the dictionary's directions spread over the d dimensions
+    (all 1/d for uniform directions, 1/r on an r-dimensional subspace).
+    """
+    if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 2:
+        raise ValueError(f"second_moment needs a Tensor[n, d] with n >= 1, d >= 2; got shape {tuple(w.shape)}")
+    u = w.detach().double()
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (u.T @ u) / u.shape[0]
+
+
+def _sqrt_psd(sigma: Tensor) -> Tensor:
+    """Symmetric square root of a PSD matrix (negative round-off eigenvalues clamped to 0)."""
+    vals, vecs = torch.linalg.eigh(sigma.double())
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def _direction_matched_root(sigma: Tensor, *, n_mc: int = 16384, n_iter: int = 30) -> Tensor:
+    """S (Tensor[d, d] float64) with E[u uᵀ] = Σ for u = z S / |z S|, z ~ N(0, I): fixed-point iteration
+    on the eigen-scales (the direction second moment is diagonal in Σ's eigenbasis by symmetry), with a
+    fixed Monte-Carlo sample of n_mc Gaussian draws (relative error ~1/sqrt(n_mc))."""
+    vals, vecs = torch.linalg.eigh(sigma.double())
+    lam = vals.clamp_min(0)
+    lam = lam / lam.sum()
+    scale2 = lam.clone()
+    g2 = torch.randn(n_mc, lam.numel(), generator=torch.Generator().manual_seed(0x51D), dtype=torch.float64) ** 2
+    for _ in range(n_iter):
+        w = g2 * scale2
+        m = (w / w.sum(dim=1, keepdim=True)).mean(dim=0)
+        ratio = torch.where(m > 0, lam / m.clamp_min(1e-300), torch.zeros_like(m))
+        scale2 = scale2 * ratio
+        scale2 = scale2 / scale2.sum()
+    return (vecs * scale2.sqrt()) @ vecs.T
+
+
+def anisotropic_directions(
+    reference: Tensor, n: int, *, seed: int = 0, device: str | torch.device = "cpu"
+) -> Tensor:
+    """n random directions Tensor[n, d] (float32, unnormalised) drawn from N(0, Σ), Σ = ``second_moment(reference)``.
+
+    ``reference``: Tensor[m, d], the dictionary whose spectrum and subspace the null must share (for the a->b
+    direction of a comparison, b's rows: the target's). Each draw is z S with z ~ N(0, I_d), seeded, and
+    S = V diag(s) Vᵀ in Σ's eigenbasis V, the scales s chosen so that the *directions* z S / |z S| have second
+    moment Σ (a plain Σ^(1/2) gives Gaussian vectors with second moment Σ, whose directions are less
+    concentrated than Σ once normalised: unrelated dictionaries would then sit above their null).
+    Memory is O(n·d + d²). The draws share no direction with ``reference`` beyond what its second moment
+    implies, which is what "b shares no feature with a" means for a dictionary shaped like b.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    root = _direction_matched_root(second_moment(reference)).float()
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + 0xA5150) % (2**63))
+    z = torch.randn(n, root.shape[0], generator=gen)
+    return (z @ root).to(device)
+
+
+def covariance_matched_activations(x: Tensor, n: int | None = None, *, seed: int = 0) -> Tensor:
+    """Gaussian activations Tensor[n, d] with the mean and covariance of ``x``: Tensor[m, d], independent of it.
+
+    The null for activation metrics (CKA, code correlation): a second model whose activations have the same
+    first two moments as the real one but carry no token-by-token relation to it. ``n`` defaults to m.
+    """
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"covariance_matched_activations needs Tensor[m >= 2, d]; got shape {tuple(x.shape)}")
+    n = x.shape[0] if n is None else n
+    xd = x.detach().double()
+    mean = xd.mean(0)
+    cov = torch.cov(xd.T)
+    root = _sqrt_psd(cov)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + 0xC0FA) % (2**63))
+    z = torch.randn(n, x.shape[1], generator=gen, dtype=torch.float64)
+    return (z @ root + mean).float()
+
+
+def anisotropic_random_sae_like(
+    sae_or_folder: Any, seed: int = 0, *, out_dir: str | os.PathLike[str] | None = None
+) -> Any:
+    """An SAE of the same class, shapes and biases as the given one, whose latent directions are random.
+
+    The floor of a precision sweep: what an SAE with the real one's decoder spectrum, norms and biases but no
+    learned feature scores. Built as:
+
+    - ``W_dec``: rows drawn by :func:`anisotropic_directions` from the real decoder's second moment, each
+      rescaled to the norm of a randomly chosen real row (unit for SAELens's normalised decoders);
+    - ``W_enc``: the new decoder's transpose, each column rescaled to the norm of the matching real encoder
+      column (so pre-activations have the real scale);
+    - ``b_dec``: the real one (the activations' centre is not a feature);
+    - every other per-latent parameter (``b_enc``, JumpReLU ``threshold``, gated ``b_gate``/``b_mag``/
+      ``r_mag``...): the real values under the same random permutation of latents, keeping their distribution.
+
+    ``sae_or_folder``: a SAELens ``SAE`` or a checkpoint folder. With ``out_dir`` the SAE is also saved there
+    (``save_model``, written to a temporary folder and renamed). Returns the new SAE (on CPU).
+    """
+    import copy
+
+    from sae_lens import SAE
+
+    if isinstance(sae_or_folder, (str, os.PathLike)):
+        import qsae_lens.training  # noqa: F401 - registers qsae_lens architectures
+
+        folder = Path(sae_or_folder)
+        if not (folder / "cfg.json").is_file():
+            raise FileNotFoundError(f"no SAELens checkpoint (cfg.json) in {folder}")
+        real = SAE.load_from_disk(folder, device="cpu")
+    elif isinstance(sae_or_folder, torch.nn.Module):
+        real = sae_or_folder
+    else:
+        raise TypeError(f"expected an SAE or a checkpoint folder, got {type(sae_or_folder).__name__}")
+    fake = copy.deepcopy(real).to("cpu")
+    w_dec = real.W_dec.detach().float().cpu()
+    d_sae, d_in = w_dec.shape
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + 0xF100) % (2**63))
+    perm = torch.randperm(d_sae, generator=gen)
+    new_dirs = anisotropic_directions(w_dec, d_sae, seed=seed)
+    new_dirs = new_dirs / new_dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    new_dec = new_dirs * w_dec.norm(dim=1, keepdim=True)[perm]
+    state = {}
+    for name, t in real.state_dict().items():
+        t = t.detach().cpu()
+        if name == "W_dec":
+            state[name] = new_dec.to(t.dtype)
+        elif name == "W_enc" and t.shape == (d_in, d_sae):
+            col_norms = t.float().norm(dim=0)[perm]
+            state[name] = (new_dirs.T * col_norms).to(t.dtype)
+        elif name == "b_dec":
+            state[name] = t.clone()
+        elif t.ndim >= 1 and t.shape[-1] == d_sae:
+            state[name] = t[..., perm].clone()
+        else:
+            state[name] = t.clone()
+    fake.load_state_dict(state)
+    if out_dir is not None:
+        from qsae_lens._io import atomic_dir
+
+        with atomic_dir(out_dir, replace=True) as tmp:
+            fake.save_model(str(tmp))
+    return fake

@@ -58,6 +58,10 @@ class MetricResult(NamedTuple):
     """p after Holm's family-wise correction over all p-values of this report."""
     p_value_bh: float | None = None
     """p after Benjamini-Hochberg false-discovery-rate correction over all p-values of this report."""
+    null_kind: str | None = None
+    """What ``null`` and ``p_value`` are read against: ``"anisotropic"`` (random directions with the target
+    dictionary's second moment), ``"isotropic"`` (uniform directions), ``"covariance-matched"`` or
+    ``"token-permutation"`` (activation metrics), ``"sign-flip"``; None without a null."""
 
     def to_dict(self) -> dict[str, float | None]:
         return {k: _clean(v) for k, v in self._asdict().items()}
@@ -316,7 +320,7 @@ def _describe(m: MetricResult) -> str:
     if m.ci_low is not None and m.ci_high is not None:
         s += f" [{m.ci_low:.4f}, {m.ci_high:.4f}]"
     if m.null is not None:
-        s += f" (null {m.null:.4f})"
+        s += f" ({m.null_kind + ' ' if m.null_kind else ''}null {m.null:.4f})"
     if m.p_value is not None:
         s += f" p={_fmt_p(m.p_value)}"
     return s

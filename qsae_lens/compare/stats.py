@@ -112,13 +112,18 @@ def _sign_chunks_exact(n: int, chunk: int):
         yield ((k[:, None] >> bits) & 1).to(torch.float64) * 2.0 - 1.0
 
 
-def _count_extreme(d: Tensor, signs: Tensor, observed: Tensor, tol: Tensor) -> Tensor:
-    """For each row b of d (Tensor[B, n]): number of sign vectors with |mean(s*d_b)| >= |obs_b|."""
-    permuted = (d @ signs.T).abs_() / d.shape[1]  # [B, chunk]
+def _count_extreme(d: Tensor, signs: Tensor, observed: Tensor, tol: Tensor, two_sided: bool = True) -> Tensor:
+    """For each row b of d (Tensor[B, n]): number of sign vectors with |mean(s*d_b)| >= |obs_b|
+    (two-sided) or mean(s*d_b) >= obs_b (one-sided, greater)."""
+    permuted = d @ signs.T / d.shape[1]  # [B, chunk]
+    if two_sided:
+        permuted = permuted.abs_()
     return (permuted >= (observed - tol)[:, None]).sum(dim=1)
 
 
-def _count_extreme_random(d: Tensor, observed: Tensor, tol: Tensor, m: int, seed: int) -> Tensor:
+def _count_extreme_random(
+    d: Tensor, observed: Tensor, tol: Tensor, m: int, seed: int, two_sided: bool = True
+) -> Tensor:
     """Random sign-flip counts for each row of d (Tensor[B, n]), via byte lookup tables.
 
     Hand-written because generating and multiplying a float sign matrix costs m * n element
@@ -141,7 +146,9 @@ def _count_extreme_random(d: Tensor, observed: Tensor, tol: Tensor, m: int, seed
         # [n8, size] layout: each gather row reads one 2 KiB table row (cache-friendly).
         draws = torch.randint(0, 256, (n8, size), generator=gen, dtype=torch.uint8).to(torch.int64)
         selected = torch.gather(table, 2, draws.unsqueeze(0).expand(b, n8, size)).sum(dim=1)  # [B, size]
-        permuted = (2.0 * selected - total).abs_() / n
+        permuted = (2.0 * selected - total) / n
+        if two_sided:
+            permuted = permuted.abs_()
         count += (permuted >= (observed - tol)[:, None]).sum(dim=1)
     return count
 
@@ -153,8 +160,10 @@ def paired_permutation_test(
     n_permutations: int = 10_000,
     seed: int = 0,
     exact_max_n: int = 20,
+    alternative: str = "two-sided",
 ) -> float | Tensor:
-    """Two-sided paired permutation (sign-flip) test of mean(x - y) = 0.
+    """Paired permutation (sign-flip) test of mean(x - y) = 0: two-sided by default, or one-sided
+    (``alternative="greater"``: mean(x - y) > 0, e.g. "observed SAEs match better than the null").
 
     ``x``, ``y``: Tensor[n] (one test) or Tensor[B, n] (B independent tests at once, e.g. many
     metrics or simulated null draws; they share the random sign vectors, which leaves each test
@@ -184,19 +193,22 @@ def paired_permutation_test(
         raise ValueError("x or y contains NaN/Inf; drop those pairs first.")
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be >= 1; got {n_permutations}.")
+    if alternative not in ("two-sided", "greater"):
+        raise ValueError(f"alternative must be 'two-sided' or 'greater'; got {alternative!r}.")
+    two_sided = alternative == "two-sided"
     d = x2 - y2
     n = d.shape[1]
-    observed = d.mean(dim=1).abs()
+    observed = d.mean(dim=1).abs() if two_sided else d.mean(dim=1)
     # scipy.stats.permutation_test's tie tolerance: relative 100 * float eps of the observed value.
-    tol = observed * (100 * torch.finfo(torch.float64).eps)
+    tol = observed.abs() * (100 * torch.finfo(torch.float64).eps)
     count = torch.zeros(d.shape[0], dtype=torch.int64)
     chunk = max(1, _CHUNK_ELEMENTS // max(n, d.shape[0]))
     if n <= exact_max_n:
         for signs in _sign_chunks_exact(n, chunk):
-            count += _count_extreme(d, signs, observed, tol)
+            count += _count_extreme(d, signs, observed, tol, two_sided)
         p = count.to(torch.float64) / float(1 << n)
     else:
-        count = _count_extreme_random(d, observed, tol, n_permutations, seed)
+        count = _count_extreme_random(d, observed, tol, n_permutations, seed, two_sided)
         p = (count.to(torch.float64) + 1.0) / (n_permutations + 1.0)
     return float(p[0]) if single else p
 

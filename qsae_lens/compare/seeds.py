@@ -1,0 +1,367 @@
+"""Seeds as the unit of replication: a precision's effect against the seed-to-seed ceiling, with honest intervals.
+
+A comparison of two trained SAEs varies with their seeds far more than with which latents one averages over,
+so a CI that resamples the latents of one trained pair (about +-0.006 in the default sweep) holds none of
+the run-to-run variance. These plain functions take *per-pair* values of one metric:
+
+- ``ceiling[(s, s')]``: Tensor[n_latents] for each pair of baseline-precision SAEs with seeds s != s';
+- ``cross[(s, t)]``: Tensor[n_latents] for each (baseline seed s, precision seed t) pair;
+
+and return the precision's value (mean over cross pairs of the per-pair mean), the ceiling (mean over
+baseline pairs), their difference (the effect), a 95% CI of the effect from a hierarchical bootstrap whose
+unit is the seed (resample baseline seeds and precision seeds with replacement, then latents within each
+pair), and a one-sided p-value from a permutation test that exchanges precision labels across seeds.
+
+Cross pairs with the same seed (s == t) share the init and the data order, so they are more alike than any
+ceiling pair (which has s != s'); by default they are left out so that both sides compare SAEs of different
+seeds (``exclude_same_seed``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SeedEffect",
+    "SharingBar",
+    "seed_effect",
+    "hierarchical_bootstrap_effect",
+    "seed_label_permutation_test",
+    "sharing_bar",
+    "format_p_value",
+]
+
+Pairs = Mapping[tuple[int, int], Tensor]
+"""Per-pair per-latent values: ``{(seed_a, seed_b): Tensor[n_latents]}``."""
+
+
+class SeedEffect(NamedTuple):
+    """A precision's effect on one metric, with seeds as the unit of replication."""
+
+    value: float
+    """Mean over (baseline seed, precision seed) pairs of the per-pair mean over latents."""
+    ceiling: float
+    """Mean over baseline seed pairs (s != s') of the per-pair mean: what a second baseline seed gives."""
+    effect: float
+    """``value - ceiling`` (negative: the precision moves the SAE more than a change of seed does)."""
+    ci_low: float
+    """Lower end of the 95% hierarchical-bootstrap interval of ``effect`` (unit: seeds, then latents)."""
+    ci_high: float
+    """Upper end of that interval."""
+    p_value: float
+    """One-sided permutation p of "effect < 0" (precision pairs less alike than baseline pairs),
+    exchanging precision labels across seeds."""
+    n_pairs: int
+    """Number of (baseline seed, precision seed) pairs used."""
+    n_ceiling_pairs: int
+    """Number of baseline seed pairs used."""
+    ceiling_values: tuple[float, ...]
+    """Per-pair means of the baseline seed pairs (the ceiling distribution)."""
+    p_value_text: str
+    """``p_value`` for display: "< 1/(m+1)" style when it sits at the smallest value the test can give."""
+    unit: str = "hierarchical bootstrap: seeds (baseline and precision, with replacement), then latents"
+    alternative: str = "one-sided: effect < 0"
+
+    def to_dict(self) -> dict[str, object]:
+        """The ``report.json["precision_effects"][precision][metric]`` record (plain JSON)."""
+        out = self._asdict()
+        out["ceiling_values"] = list(self.ceiling_values)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+    def __repr__(self) -> str:
+        return (
+            f"SeedEffect(value={self.value:.4f}, ceiling={self.ceiling:.4f}, effect={self.effect:+.4f} "
+            f"[{self.ci_low:+.4f}, {self.ci_high:+.4f}], p={self.p_value_text} ({self.alternative}), "
+            f"{self.n_pairs} pairs vs {self.n_ceiling_pairs} ceiling pairs)"
+        )
+
+
+class SharingBar(NamedTuple):
+    """Do the baseline seed pairs share features clearly above the anisotropic null?"""
+
+    cleared: bool
+    """True when every baseline seed pair's statistic exceeds its null at p < ``alpha`` (one-sided)."""
+    statistic: str
+    """What was tested, e.g. "fraction of latents matched above 0.5"."""
+    observed: tuple[float, ...]
+    """Per baseline seed pair: the statistic."""
+    null: tuple[float, ...]
+    """Per baseline seed pair: the statistic against the null SAE."""
+    p_values: tuple[float, ...]
+    """Per baseline seed pair: one-sided paired sign-flip p of observed > null over latents."""
+    alpha: float
+    message: str
+    """One line for the report: what was found."""
+
+
+def format_p_value(p: float, n_resamples: int, *, exact_count: int | None = None) -> str:
+    """``p`` as text; at the test's floor (1/(m+1) for m random resamples, 1/N for N enumerated
+    relabelings) it reads "< 1/(m+1)" style, never as a value that looks like a discovery by itself."""
+    if not math.isfinite(p):
+        return "n/a"
+    floor = 1.0 / exact_count if exact_count else 1.0 / (n_resamples + 1)
+    if p <= floor * (1 + 1e-9):
+        return f"<= 1/{exact_count}" if exact_count else f"< 1/{n_resamples + 1}"
+    return f"{p:.3g}"
+
+
+def _check_pairs(pairs: Pairs, name: str) -> dict[tuple[int, int], Tensor]:
+    if not pairs:
+        raise ValueError(f"{name}: no pairs given; need per-latent values for at least one pair of seeds")
+    out = {}
+    for key, v in pairs.items():
+        t = torch.as_tensor(v).detach().double().flatten().cpu()
+        t = t[torch.isfinite(t)]
+        if t.numel() < 1:
+            raise ValueError(f"{name}[{key}]: no finite per-latent values")
+        out[(int(key[0]), int(key[1]))] = t
+    return out
+
+
+def _select(ceiling: Pairs, cross: Pairs, exclude_same_seed: bool):
+    ceil = {k: v for k, v in _check_pairs(ceiling, "ceiling").items() if k[0] != k[1]}
+    if not ceil:
+        raise ValueError("ceiling: needs at least one pair of two different baseline seeds")
+    crs = _check_pairs(cross, "cross")
+    if exclude_same_seed:
+        crs = {k: v for k, v in crs.items() if k[0] != k[1]} or crs
+    return ceil, crs
+
+
+def hierarchical_bootstrap_effect(
+    ceiling: Pairs, cross: Pairs, *, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, Tensor]:
+    """Percentile CI of ``mean(cross pairs) - mean(ceiling pairs)`` resampling seeds, then latents.
+
+    Each resample draws the baseline seeds and the precision seeds with replacement; a pair's value is the
+    mean of its latents resampled with replacement (one latent resample per pair per bootstrap draw, as in a
+    two-stage bootstrap); ceiling pairs of a seed drawn with itself do not exist and are skipped. Resamples
+    with no valid pair on either side are dropped. Returns (low, high, effects: Tensor[n_valid] float64).
+    Memory: O(n_resamples x (n_pairs + max n_latents)) per pair, pairs processed one at a time.
+    """
+    b_seeds = sorted({s for k in ceiling for s in k} | {k[0] for k in cross})
+    p_seeds = sorted({k[1] for k in cross})
+    bi = {s: i for i, s in enumerate(b_seeds)}
+    pi = {s: i for i, s in enumerate(p_seeds)}
+    gen = torch.Generator().manual_seed(seed)
+    nb, npr = len(b_seeds), len(p_seeds)
+    nan = float("nan")
+    # latent-level resample means: M[r, i, j] for every pair present (NaN where absent)
+    m_ceil = torch.full((n_resamples, nb, nb), nan, dtype=torch.float64)
+    m_cross = torch.full((n_resamples, nb, npr), nan, dtype=torch.float64)
+    for (s, t), v in ceiling.items():
+        means = _latent_resample_means(v, n_resamples, gen)
+        m_ceil[:, bi[s], bi[t]] = means
+        m_ceil[:, bi[t], bi[s]] = means
+    for (s, t), v in cross.items():
+        m_cross[:, bi[s], pi[t]] = _latent_resample_means(v, n_resamples, gen)
+    draw_b = torch.randint(nb, (n_resamples, nb), generator=gen)
+    draw_p = torch.randint(npr, (n_resamples, npr), generator=gen)
+    r = torch.arange(n_resamples)[:, None, None]
+    ceil_vals = m_ceil[r, draw_b[:, :, None], draw_b[:, None, :]]  # [R, nb, nb]
+    same = draw_b[:, :, None] == draw_b[:, None, :]
+    ceil_vals = ceil_vals.masked_fill(same, nan)
+    cross_vals = m_cross[r, draw_b[:, :, None], draw_p[:, None, :]]  # [R, nb, np]
+    effects = cross_vals.nanmean(dim=(1, 2)) - ceil_vals.nanmean(dim=(1, 2))
+    effects = effects[torch.isfinite(effects)]
+    if effects.numel() < 10:
+        return nan, nan, effects
+    alpha = (1 - level) / 2
+    q = torch.quantile(effects, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+    return float(q[0]), float(q[1]), effects
+
+
+def _latent_resample_means(v: Tensor, n_resamples: int, gen: torch.Generator, chunk_elements: int = 1 << 22) -> Tensor:
+    n = v.numel()
+    out = torch.empty(n_resamples, dtype=torch.float64)
+    rows = max(1, chunk_elements // n)
+    for start in range(0, n_resamples, rows):
+        stop = min(n_resamples, start + rows)
+        idx = torch.randint(n, (stop - start, n), generator=gen)
+        out[start:stop] = v[idx].mean(dim=1)
+    return out
+
+
+def seed_label_permutation_test(
+    ceiling: Pairs,
+    cross: Pairs,
+    within: Pairs | None = None,
+    *,
+    n_permutations: int = 2000,
+    seed: int = 0,
+) -> tuple[float, int | None, int]:
+    """One-sided p of "precision pairs are less alike than baseline pairs", exchanging precision labels.
+
+    Under H0 (the precision changes nothing) the baseline and precision SAEs are exchangeable. With
+    ``within`` (pairs of two precision SAEs) every pair among the pooled SAEs is known, so the test relabels
+    SAEs: each relabeling picks which SAEs are "baseline", recomputes mean(cross) - mean(ceiling) and counts
+    those at or below the observed one. Without ``within``, the per-pair means are relabeled instead (ceiling
+    vs cross, keeping their counts), an approximation that treats pairs as exchangeable. Relabelings are
+    enumerated when there are at most ``n_permutations`` of them (p = count / N, floor 1/N), else drawn at
+    random (p = (count + 1) / (m + 1)). Returns (p, N enumerated or None, m drawn).
+    """
+    ceil_means = {k: float(v.mean()) for k, v in ceiling.items()}
+    cross_means = {k: float(v.mean()) for k, v in cross.items()}
+    observed = _mean(cross_means.values()) - _mean(ceil_means.values())
+    tol = 1e-12 * max(1.0, abs(observed))
+    gen = torch.Generator().manual_seed(seed)
+    if within:
+        # SAE nodes: ("b", s) and ("p", t); the similarity of every pair among them
+        sim: dict[frozenset, float] = {}
+        for (s, t), m in ceil_means.items():
+            sim[frozenset({("b", s), ("b", t)})] = m
+        for (s, t), m in cross_means.items():
+            sim[frozenset({("b", s), ("p", t)})] = m
+        for (s, t), v in within.items():
+            sim[frozenset({("p", s), ("p", t)})] = float(torch.as_tensor(v).double().mean())
+        nodes = sorted({n for key in sim for n in key})
+        n_base = len({n for n in nodes if n[0] == "b"})
+
+        def stat(base: set) -> float:
+            c, x = [], []
+            for key, m in sim.items():
+                k = tuple(key)
+                if len(k) < 2:
+                    continue
+                inside = sum(n in base for n in k)
+                (c if inside == 2 else x if inside == 1 else []).append(m)
+            return _mean(x) - _mean(c) if c and x else math.nan
+
+        combos = math.comb(len(nodes), n_base)
+        if combos <= n_permutations:
+            stats = [stat(set(c)) for c in itertools.combinations(nodes, n_base)]
+            stats = [s for s in stats if math.isfinite(s)]
+            return sum(s <= observed + tol for s in stats) / len(stats), len(stats), 0
+        stats = []
+        for _ in range(n_permutations):
+            perm = torch.randperm(len(nodes), generator=gen)[:n_base].tolist()
+            stats.append(stat({nodes[i] for i in perm}))
+        stats = [s for s in stats if math.isfinite(s)]
+        return (sum(s <= observed + tol for s in stats) + 1) / (len(stats) + 1), None, len(stats)
+    values = torch.tensor(list(ceil_means.values()) + list(cross_means.values()), dtype=torch.float64)
+    n_c = len(ceil_means)
+    total = values.numel()
+    combos = math.comb(total, n_c)
+    if combos <= n_permutations:
+        idx = torch.tensor(list(itertools.combinations(range(total), n_c)), dtype=torch.long)
+        mask = torch.zeros(idx.shape[0], total, dtype=torch.bool)
+        mask.scatter_(1, idx, True)
+        stats = _relabelled(values, mask)
+        return float((stats <= observed + tol).double().mean()), int(idx.shape[0]), 0
+    keys = torch.rand(n_permutations, total, generator=gen)
+    mask = torch.zeros(n_permutations, total, dtype=torch.bool)
+    mask.scatter_(1, keys.argsort(dim=1)[:, :n_c], True)
+    stats = _relabelled(values, mask)
+    return float(((stats <= observed + tol).sum() + 1) / (n_permutations + 1)), None, n_permutations
+
+
+def _relabelled(values: Tensor, ceiling_mask: Tensor) -> Tensor:
+    """mean(values not in mask) - mean(values in mask) for each row of ``ceiling_mask``: Tensor[R, n]."""
+    m = ceiling_mask.double()
+    n_c = m.sum(1)
+    return (values @ (1 - m).T) / (values.numel() - n_c) - (values @ m.T) / n_c
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def seed_effect(
+    ceiling: Pairs,
+    cross: Pairs,
+    *,
+    within: Pairs | None = None,
+    n_bootstrap: int = 2000,
+    n_permutations: int = 2000,
+    seed: int = 0,
+    exclude_same_seed: bool = True,
+) -> SeedEffect:
+    """A precision's effect on one metric with seeds as the replication unit (see the module docstring).
+
+    ``ceiling``: {(s, s'): Tensor[n_latents]} per-latent values of the metric for baseline seed pairs;
+    ``cross``: {(s, t): Tensor[n_latents]} for (baseline seed s, precision seed t) pairs; ``within``
+    (optional): {(t, t'): Tensor} for precision seed pairs, which lets the permutation test relabel SAEs
+    exactly. Returns a :class:`SeedEffect`.
+    """
+    ceil, crs = _select(ceiling, cross, exclude_same_seed)
+    within_c = _check_pairs(within, "within") if within else None
+    if within_c:
+        within_c = {k: v for k, v in within_c.items() if k[0] != k[1]} or None
+    ceil_means = [float(v.mean()) for v in ceil.values()]
+    cross_means = [float(v.mean()) for v in crs.values()]
+    value, ceiling_value = _mean(cross_means), _mean(ceil_means)
+    lo, hi, _ = hierarchical_bootstrap_effect(ceil, crs, n_resamples=n_bootstrap, seed=seed)
+    p, exact, m = seed_label_permutation_test(ceil, crs, within_c, n_permutations=n_permutations, seed=seed)
+    return SeedEffect(
+        value=value,
+        ceiling=ceiling_value,
+        effect=value - ceiling_value,
+        ci_low=lo,
+        ci_high=hi,
+        p_value=p,
+        n_pairs=len(crs),
+        n_ceiling_pairs=len(ceil),
+        ceiling_values=tuple(ceil_means),
+        p_value_text=format_p_value(p, m, exact_count=exact),
+    )
+
+
+def sharing_bar(
+    observed: Pairs,
+    null: Pairs,
+    *,
+    threshold: float = 0.5,
+    alpha: float = 0.01,
+    n_permutations: int = 10_000,
+    seed: int = 0,
+) -> SharingBar:
+    """Do the baseline seed pairs share features clearly above the anisotropic null?
+
+    ``observed[(s, s')]``: Tensor[n] matched cosines of a baseline seed pair; ``null[(s, s')]``: Tensor[n]
+    matched cosines of seed s against an anisotropy-matched random SAE (``nulls.anisotropic_random_sae_like``
+    or ``nulls.anisotropic_directions`` of s'). The statistic is the fraction of latents matched above
+    ``threshold``; each pair is tested one-sided (observed > null) by a paired sign-flip test over latents,
+    and the bar is cleared when every pair has p < ``alpha`` and a higher fraction than its null.
+    """
+    from qsae_lens.compare.stats import paired_permutation_test
+
+    obs = _check_pairs(observed, "observed")
+    nul = _check_pairs(null, "null")
+    missing = set(obs) - set(nul)
+    if missing:
+        raise ValueError(f"null: no null values for seed pairs {sorted(missing)}")
+    fr_o, fr_n, ps = [], [], []
+    for key in sorted(obs):
+        o = (obs[key] > threshold).double()
+        n = (nul[key] > threshold).double()
+        m = min(o.numel(), n.numel())
+        fr_o.append(float(o.mean()))
+        fr_n.append(float(n.mean()))
+        ps.append(
+            float(
+                paired_permutation_test(
+                    o[:m], n[:m], n_permutations=n_permutations, seed=seed, alternative="greater"
+                )
+            )
+        )
+    cleared = all(p < alpha and a > b for p, a, b in zip(ps, fr_o, fr_n))
+    stat = f"fraction of latents matched above {threshold}"
+    if cleared:
+        msg = (
+            f"Baseline seed pairs share features above the anisotropic null: {stat} "
+            f"{min(fr_o):.3f}-{max(fr_o):.3f} vs null {max(fr_n):.3f} or less, p < {alpha} for every pair."
+        )
+    else:
+        msg = (
+            f"The SAEs are too undertrained for any conclusion: baseline seed pairs do not share features "
+            f"clearly above the anisotropic null ({stat} {', '.join(f'{x:.3f}' for x in fr_o)} vs null "
+            f"{', '.join(f'{x:.3f}' for x in fr_n)}; p {', '.join(f'{x:.2g}' for x in ps)}, need < {alpha})."
+        )
+    return SharingBar(cleared, stat, tuple(fr_o), tuple(fr_n), tuple(ps), alpha, msg)
