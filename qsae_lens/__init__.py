@@ -23,7 +23,7 @@ _EXPORTS: dict[str, str] = {
     "HookedQuantizedLM": "qsae_lens.models",
     "load_dequantized_hooked_transformer": "qsae_lens.models",
     "default_model_path": "qsae_lens.assets",
-    "probe_layers": "qsae_lens.activations",
+    "probe_layers": "qsae_lens.layers",
     "cache_activations": "qsae_lens.activations",
     "load_activations": "qsae_lens.activations",
     "tokenize_corpus": "qsae_lens.corpus",
@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "ComparisonReport": "qsae_lens.compare",
     "run_precision_sweep": "qsae_lens.sweep",
     "SweepConfig": "qsae_lens.sweep",
+    "plan_sweep": "qsae_lens.sweep",
+    "CellKey": "qsae_lens.sweep",
     "publish_saes": "qsae_lens.hub",
     "load_sae": "qsae_lens.hub",
 }
