@@ -258,17 +258,7 @@ def _flatten(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _flatten_run_evals(metrics: Mapping[str, Any]) -> dict[str, float]:
-    try:
-        from qsae_lens.evals import flatten_run_evals
-    except ImportError:  # pragma: no cover - older checkouts without the shared helper
-        def flatten_run_evals(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-            flat: dict[str, float] = {}
-            for key, value in metrics.items():
-                if isinstance(value, Mapping):
-                    flat.update(flatten_run_evals(value, f"{prefix}{key}/"))
-                elif isinstance(value, (int, float)):
-                    flat[f"{prefix}{key}"] = float(value)
-            return flat
+    from qsae_lens.evals import flatten_run_evals  # the sweep's own flattening of run_evals output
 
     return flatten_run_evals(metrics)
 
