@@ -56,6 +56,39 @@ def _plan(out):
     return plan_sweep(SweepConfig(**TINY), out)
 
 
+def test_added_layers_are_found_in_their_own_cache_group(tmp_path):
+    """A layer added later is cached in a new group folder; each layer resolves to the group holding it."""
+    from qsae_lens.sweep import SweepConfig, plan_sweep
+
+    plan = plan_sweep(SweepConfig(**{**TINY, "layers": (3, 5, 8)}), tmp_path / "run")
+    for group in ("layers3_5", "layers8", "layers9.partial"):
+        folder = plan.out_dir / "activations" / "nf4" / "train" / group
+        folder.mkdir(parents=True)
+        if not group.endswith("partial"):
+            (folder / "manifest.json").write_text("{}")
+    assert plan.cache_dir("nf4", "train", 5).name == "layers3_5"
+    assert plan.cache_dir("nf4", "train", 8).name == "layers8"
+    assert plan.find_cache_dir("nf4", "train", 9) is None and plan.find_cache_dir("fp32", "train", 3) is None
+    with pytest.raises(FileNotFoundError, match="layer 9 at nf4"):
+        plan.cache_dir("nf4", "train", 9)
+
+
+def test_every_seed_pair_is_compared(tmp_path):
+    """3 seeds, 3 precisions: 3 ceiling pairs, 9 pairs per non-baseline precision (3 same-seed), one floor."""
+    from collections import Counter
+
+    from qsae_lens.sweep import SweepConfig, plan_sweep
+    from qsae_lens.sweep.comparisons import comparison_pairs
+
+    plan = plan_sweep(SweepConfig(**{**TINY, "precisions": ("fp32", "int8", "nf4"), "seeds": (2, 0, 1)}), tmp_path)
+    pairs = comparison_pairs(plan)
+    assert Counter(p.kind for p in pairs) == {"ceiling": 3, "floor": 1, "same_seed": 6, "different_seed": 12}
+    assert len({p.name for p in pairs}) == len(pairs)
+    assert all(p.b.precision == "fp32" for p in pairs)
+    assert {(p.a.seed, p.b.seed) for p in pairs if p.kind == "ceiling"} == {(1, 0), (2, 0), (2, 1)}
+    assert len(plan.cells) == 3 * 3  # every seed at every precision
+
+
 def test_report_leads_with_the_headline_and_renders_tables(sweep):
     report, out = sweep["result"].report, sweep["out"]
     keys = list(report["sections"])
