@@ -1,4 +1,4 @@
-"""Per-layer relative error of each bitsandbytes precision against fp32 on the embedded SmolLM2.
+"""Per-layer relative error of each precision (any registered name: bitsandbytes, rtn-w*, gguf-*, gptq-w4, ...) against fp32 on the embedded SmolLM2.
 
 For each precision, ``||resid_post_q - resid_post_fp32|| / ||resid_post_fp32||`` per layer, over
 real Python-stdlib source windows with special tokens excluded, plus the next-token loss. Prints

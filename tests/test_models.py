@@ -248,6 +248,8 @@ def test_bad_inputs_give_clear_errors(smollm2_path, tmp_path, monkeypatch):
         load_model(tmp_path / "no_such_model", "fp32")
     with pytest.raises(RuntimeError, match="supports CPU and CUDA"):
         load_model(tmp_path / "never_read", "nf4", device="mps")  # refused before touching the path
+    with pytest.raises(RuntimeError, match="layouts need CUDA"):
+        load_model(tmp_path / "never_read", "torchao-int4wo", device="cpu")  # refused before touching the path
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             load_model(smollm2_path, "nf4", device="cuda")
@@ -332,3 +334,15 @@ def test_tiny_architectures_match_references(model_type, tl_supports, smollm2_pa
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in q.hf_model.modules())
         with torch.no_grad():
             assert torch.isfinite(q(tokens)).all()
+
+
+def test_int8_cast_log_filter_is_added_once():
+    """Issue 8 item 4: every int8 load used to add one more filter to bitsandbytes' logger."""
+    import logging
+
+    from qsae_lens.models.loading import _DropInt8CastWarning, _install_int8_cast_filter
+
+    for _ in range(3):
+        _install_int8_cast_filter()
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    assert sum(isinstance(f, _DropInt8CastWarning) for f in logger.filters) == 1
