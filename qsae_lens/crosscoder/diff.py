@@ -168,7 +168,7 @@ class Calibration(NamedTuple):
 
 
 def calibrate_threshold(null_model: CrossCoder, null_sources: Sequence[Tensor], *, max_null_rate: float = 0.01,
-                        max_threshold: float = DEFAULT_THRESHOLD) -> Calibration:
+                        max_threshold: float = DEFAULT_THRESHOLD, block: int = 4096) -> Calibration:
     """The exclusivity cut at which a crosscoder of two *identical* sources has at most
     ``max_null_rate`` exclusive latents, and no looser than ``max_threshold``.
 
@@ -180,7 +180,10 @@ def calibrate_threshold(null_model: CrossCoder, null_sources: Sequence[Tensor], 
     with torch.no_grad():
         norms = null_model.decoder_norms()
         relative = norms[:, 1] / norms.sum(-1)
-        alive = (null_model.encode(x) > 0).any(0) & ~relative.isnan()
+        fired = torch.zeros(relative.shape, dtype=torch.bool)
+        for i in range(0, x.shape[0], block):  # memory: one Tensor[block, d_sae] at a time
+            fired |= (null_model.encode(x[i:i + block]) > 0).any(0)
+        alive = fired & ~relative.isnan()
     edge = torch.minimum(relative, 1 - relative)[alive]              # distance to the nearest end
     if edge.numel() == 0:
         raise ValueError("the null crosscoder has no live latent on these tokens: train it longer or on more rows")
