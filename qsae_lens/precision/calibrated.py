@@ -64,7 +64,7 @@ CALIBRATION_CONTEXT = 128
 GPTQ_DAMP = 0.01
 GPTQ_BLOCK = 128
 AWQ_GRID = 20
-AWQ_MAX_TOKENS = 512
+AWQ_MAX_TOKENS = 256
 _NAME = re.compile(r"^(gptq|awq)-w(\d+)(?:-g(\d+))?$")
 
 
