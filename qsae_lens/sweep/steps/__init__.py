@@ -14,6 +14,7 @@ comparisons): see :class:`qsae_lens.sweep.plan.CoreResults`. A step keeps its fi
 from __future__ import annotations
 
 ANALYSES: dict[str, str] = {
+    "seeds": "qsae_lens.sweep.steps.seeds",
     "survival": "qsae_lens.sweep.steps.survival",
     "interventions": "qsae_lens.sweep.steps.interventions",
     "probing": "qsae_lens.sweep.steps.probing",
