@@ -206,3 +206,65 @@ def test_bitwidth_step_tolerates_absent_data(tmp_path) -> None:
     assert "add it to --analyses" in result.skipped["survived"]
     section = bitwidth.report_section(result)
     assert section.key == "bitwidth" and "rtn-w4" in section.markdown
+
+
+@pytest.mark.parametrize("name, module", [("quanto-int8", "optimum.quanto"), ("torchao-int8wo", "torchao")])
+def test_library_methods_run_under_the_wrapper(smollm2_path, heldout, name, module) -> None:
+    """quanto / torchao keep their own quantized layers; the wrapper's hooks and loss still work
+    (2 decoder layers keep it cheap), and the LM head stays an ordinary float Linear."""
+    pytest.importorskip(module)
+    from qsae_lens.models import load_model
+
+    model = load_model(smollm2_path, name, "cpu", num_hidden_layers=2)
+    down = model.model.model.layers[0].mlp.down_proj
+    assert type(down).__name__ == "QLinear" or type(down.weight).__name__ == "Int8Tensor"
+    assert type(model.model.lm_head) is torch.nn.Linear and type(model.model.lm_head.weight) is torch.nn.Parameter
+    with torch.no_grad():
+        loss, cache = model.run_with_cache(heldout[:2], return_type="loss")
+    assert np.isfinite(float(loss)) and "blocks.1.hook_mlp_out" in cache
+    assert model.precision_metadata["quant_library_version"]
+
+
+def test_missing_extra_is_named(monkeypatch) -> None:
+    import importlib.util
+
+    from qsae_lens.precision import check_precision_runs_on
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "optimum.quanto" else real(n, *a))
+    with pytest.raises(RuntimeError, match=r"qsae_lens\[quanto\]"):
+        check_precision_runs_on(parse_precision("quanto-int4"), "cpu")
+
+
+def test_gptq_reduces_to_rtn_for_uncorrelated_inputs_and_beats_it_otherwise() -> None:
+    """With a diagonal Hessian GPTQ has no other column to push the error onto: it is RTN exactly.
+    With correlated inputs it lowers the layer's output error ||X (W - W_hat)^T|| (its objective)."""
+    from qsae_lens.precision.calibrated import gptq_quantize
+    from qsae_lens.precision.rtn import rtn_quantize
+
+    w = _weights(rows=32, cols=256)
+    for bits in (3, 4):
+        ours = gptq_quantize(w, torch.eye(256) * 2.0, bits, group_size=64).dequantize()
+        assert torch.equal(ours, rtn_quantize(w, bits, 64).dequantize())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 256, generator=g) + 0.1 * torch.randn(2048, 256, generator=g)
+    h = 2 * x.T @ x / x.shape[0]
+    err_gptq = (x @ (w - gptq_quantize(w, h, 4, 64).dequantize()).T).norm()
+    err_rtn = (x @ (w - rtn_quantize(w, 4, 64).dequantize()).T).norm()
+    assert err_gptq < 0.8 * err_rtn, (float(err_gptq), float(err_rtn))
+
+
+def test_awq_never_worse_than_rtn_on_its_objective() -> None:
+    """alpha = 0 on AWQ's grid is plain RTN, so the chosen scale's output error is at most RTN's;
+    with a few high-magnitude input channels (AWQ's premise) it is strictly lower."""
+    from qsae_lens.precision.calibrated import awq_search
+    from qsae_lens.precision.rtn import rtn_quantize
+
+    w = _weights(rows=64, cols=256)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 256, generator=g)
+    x[:, :8] *= 30  # salient channels
+    res = awq_search(w, x, x.abs().mean(0), 4, 64)
+    err_awq = ((x @ (w - res.dequantize()).T) ** 2).mean()
+    err_rtn = ((x @ (w - rtn_quantize(w, 4, 64).dequantize()).T) ** 2).mean()
+    assert err_awq < err_rtn and not torch.all(res.col_scale == 1)
