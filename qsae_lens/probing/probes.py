@@ -86,8 +86,10 @@ class SparseProbeResult(NamedTuple):
         return f"SparseProbeResult({accs}; top={self.top_latents[:5].tolist()}...)"
 
 
-def fold_estimate(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> Estimate:
-    """Mean of per-fold values with a Student-t interval (the folds as the sampling unit)."""
+def fold_estimate(values: Sequence[float] | np.ndarray, confidence: float = 0.95,
+                  bounds: tuple[float, float] = (-np.inf, np.inf)) -> Estimate:
+    """Mean of per-fold values with a Student-t interval (the folds as the sampling unit), clipped
+    to ``bounds`` (an accuracy's interval never leaves [0, 1])."""
     from scipy import stats
 
     v = np.asarray(values, dtype=np.float64)
@@ -95,7 +97,7 @@ def fold_estimate(values: Sequence[float] | np.ndarray, confidence: float = 0.95
     if len(v) < 2:
         return Estimate(mean, float("nan"), float("nan"))
     half = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return Estimate(mean, mean - half, mean + half)
+    return Estimate(mean, max(bounds[0], mean - half), min(bounds[1], mean + half))
 
 
 def _as_numpy(x: Tensor | np.ndarray, dtype: Any = np.float32) -> np.ndarray:
@@ -187,8 +189,8 @@ def train_probe(features: Tensor | np.ndarray, labels: Tensor | np.ndarray | Seq
     if types is not None:
         y_ctl = control_task_labels(types, y, seed)
         fold_ctl = _fold_accuracies(x, y_ctl, splits, l2, max_iter)
-        control, sel = fold_estimate(fold_ctl), fold_estimate(fold_acc - fold_ctl)
-    return ProbeResult(fold_estimate(fold_acc), control, sel, fold_acc, fold_ctl,
+        control, sel = fold_estimate(fold_ctl, bounds=(0, 1)), fold_estimate(fold_acc - fold_ctl, bounds=(-1, 1))
+    return ProbeResult(fold_estimate(fold_acc, bounds=(0, 1)), control, sel, fold_acc, fold_ctl,
                        float(counts.max() / counts.sum()), len(y), len(counts))
 
 
@@ -242,4 +244,4 @@ def sparse_probe(codes: Tensor | np.ndarray, labels: Tensor | np.ndarray | Seque
         for i, k in enumerate(ks):
             cols = order[:k]
             acc[i, j] = _fold_accuracies(x[:, cols], y, [(tr, te)], l2, max_iter)[0]
-    return SparseProbeResult(ks, [fold_estimate(a) for a in acc], top_latents(x, y, max(ks)))
+    return SparseProbeResult(ks, [fold_estimate(a, bounds=(0, 1)) for a in acc], top_latents(x, y, max(ks)))
