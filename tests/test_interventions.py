@@ -198,3 +198,25 @@ def test_transfer_identical_models_ratio_one(model, sae):
     assert abs(res.effects["same"].ratio.value - 1.0) < 1e-9
     corr = feature_effect_correlation({"fp32": model, "same": model}, sae, [1, 2, 3], PROMPTS[:2], strength=30.0)
     assert abs(corr.pearson["same"] - 1.0) < 1e-9 and corr.effects["fp32"].shape == (3,)
+
+
+@pytest.mark.slow
+def test_sweep_step_measurements_and_section(model, sae, smollm2_path):
+    """The sweep step's measurements at fp32 and nf4 (the baseline's CAA ratio is 1 by construction),
+    and its report section renders. (At layer 3 the nf4 effect came out negative: -2.56 vs fp32 > 0.)"""
+    import math
+    import time
+
+    from qsae_lens.models import load_model
+    from qsae_lens.sweep.steps.interventions import compute_interventions, report_section
+
+    nf4 = load_model(smollm2_path, "nf4", "cpu")
+    tokens = model.to_tokens(["def add(a, b):\n    return a + b\n# done", "import os\nprint(os.getcwd())"])
+    t0 = time.perf_counter()
+    res = compute_interventions({"fp32": model, "nf4": nf4}, sae, tokens, baseline="fp32", hook_name=HOOK, layer=3)
+    elapsed = time.perf_counter() - t0
+    assert abs(res.caa["fp32"]["ratio"] - 1.0) < 1e-9 and res.caa["fp32"]["effect"] > 0
+    assert math.isfinite(res.caa["nf4"]["effect"]) and len(res.latents) == 8
+    section = report_section(res)
+    assert "Interventions across precisions" == section.title and "nf4" in section.markdown
+    print(f"compute_interventions fp32+nf4: {elapsed:.1f} s; {res.caa}; r={res.feature_pearson}")
