@@ -313,22 +313,37 @@ def _sqrt_psd(sigma: Tensor) -> Tensor:
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
-def _direction_matched_root(sigma: Tensor, *, n_mc: int = 16384, n_iter: int = 30) -> Tensor:
+def _eigen_second_moment(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues Tensor[r] and eigenvectors Tensor[d, r] of ``second_moment(w)``; through the thin SVD of the
+    unit rows when there are fewer rows than dimensions (cheaper than a d x d eigendecomposition)."""
+    u = w.detach().double()
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if u.shape[0] < u.shape[1]:
+        _, sv, vh = torch.linalg.svd(u, full_matrices=False)
+        return sv**2 / u.shape[0], vh.T
+    return torch.linalg.eigh((u.T @ u) / u.shape[0])
+
+
+def _direction_matched_root(
+    eig: tuple[Tensor, Tensor], *, n_mc: int = 8192, n_iter: int = 30
+) -> Tensor:
     """S (Tensor[d, d] float64) with E[u uᵀ] = Σ for u = z S / |z S|, z ~ N(0, I): fixed-point iteration
     on the eigen-scales (the direction second moment is diagonal in Σ's eigenbasis by symmetry), with a
-    fixed Monte-Carlo sample of n_mc Gaussian draws (relative error ~1/sqrt(n_mc))."""
-    vals, vecs = torch.linalg.eigh(sigma.double())
+    fixed Monte-Carlo sample of n_mc Gaussian draws (relative error ~1/sqrt(n_mc)) over the r non-zero
+    eigenvalues only (r <= rows of the reference), so the cost is O(n_iter · n_mc · r)."""
+    vals, vecs = eig
     lam = vals.clamp_min(0)
-    lam = lam / lam.sum()
-    scale2 = lam.clone()
-    g2 = torch.randn(n_mc, lam.numel(), generator=torch.Generator().manual_seed(0x51D), dtype=torch.float64) ** 2
+    keep = lam > 1e-10 * float(lam.max())
+    lam_k = lam[keep] / lam[keep].sum()
+    scale2 = lam_k.clone()
+    g2 = torch.randn(n_mc, lam_k.numel(), generator=torch.Generator().manual_seed(0x51D), dtype=torch.float64) ** 2
     for _ in range(n_iter):
         w = g2 * scale2
         m = (w / w.sum(dim=1, keepdim=True)).mean(dim=0)
-        ratio = torch.where(m > 0, lam / m.clamp_min(1e-300), torch.zeros_like(m))
-        scale2 = scale2 * ratio
+        scale2 = scale2 * lam_k / m.clamp_min(1e-300)
         scale2 = scale2 / scale2.sum()
-    return (vecs * scale2.sqrt()) @ vecs.T
+    v = vecs[:, keep]
+    return (v * scale2.sqrt()) @ v.T
 
 
 def anisotropic_directions(
@@ -346,7 +361,7 @@ def anisotropic_directions(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    root = _direction_matched_root(second_moment(reference)).float()
+    root = _direction_matched_root(_eigen_second_moment(reference)).float()
     gen = torch.Generator().manual_seed((seed * 1_000_003 + 0xA5150) % (2**63))
     z = torch.randn(n, root.shape[0], generator=gen)
     return (z @ root).to(device)

@@ -1,0 +1,119 @@
+"""Anisotropy-matched nulls (qsae_lens.compare.nulls) against known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qsae_lens.compare.nulls import (
+    anisotropic_directions,
+    anisotropic_random_sae_like,
+    covariance_matched_activations,
+    second_moment,
+)
+
+
+def _subspace_dictionary(n: int, basis: torch.Tensor, seed: int) -> torch.Tensor:
+    """n unit rows inside the row space of ``basis`` (Tensor[r, d], orthonormal rows)."""
+    w = torch.randn(n, basis.shape[0], generator=torch.Generator().manual_seed(seed)) @ basis
+    return w / w.norm(dim=1, keepdim=True)
+
+
+def _power_law_dictionary(n: int, d: int, q: torch.Tensor, seed: int) -> torch.Tensor:
+    """n unit rows with a power-law spectrum (alpha = 1) in the eigenbasis q."""
+    w = torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) * torch.arange(1, d + 1).pow(-0.5) @ q.T
+    return w / w.norm(dim=1, keepdim=True)
+
+
+def test_null_directions_have_the_target_direction_second_moment():
+    d = 64
+    basis = torch.linalg.qr(torch.randn(d, 12, generator=torch.Generator().manual_seed(0)))[0].T
+    b = _subspace_dictionary(300, basis, 1)
+    z = anisotropic_directions(b, 40_000, seed=3)
+    # the directions (not the Gaussian vectors) carry b's second moment: within Monte-Carlo error
+    assert (second_moment(z) - second_moment(b)).abs().max() < 3e-3
+    # and they live in b's subspace: no energy outside it
+    outside = z - (z @ basis.T) @ basis
+    assert float(outside.norm() / z.norm()) < 1e-5
+
+
+def test_covariance_matched_activations_match_mean_and_covariance():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4000, 16, generator=g) @ torch.randn(16, 16, generator=g) + 3.0
+    y = covariance_matched_activations(x, 40_000, seed=1)
+    assert torch.allclose(y.mean(0), x.mean(0), atol=0.1)
+    assert torch.allclose(torch.cov(y.T), torch.cov(x.T), atol=0.08 * float(torch.cov(x.T).abs().max()))
+
+
+def test_anisotropic_floor_sae_keeps_biases_and_spectrum(tmp_path):
+    from sae_lens import SAE, TopKSAE, TopKSAEConfig
+
+    d, n = 32, 96
+    basis = torch.linalg.qr(torch.randn(d, 8, generator=torch.Generator().manual_seed(0)))[0].T
+    w = _subspace_dictionary(n, basis, 5)
+    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=n, k=4))
+    with torch.no_grad():
+        sae.W_dec.copy_(w)
+        sae.W_enc.copy_(3.0 * w.T)
+        sae.b_enc.copy_(torch.linspace(-1, 1, n))
+        sae.b_dec.copy_(torch.randn(d))
+    sae.save_model(str(tmp_path / "real"))
+    fake = anisotropic_random_sae_like(tmp_path / "real", seed=7, out_dir=tmp_path / "floor")
+    assert type(fake) is type(sae) and fake.W_dec.shape == sae.W_dec.shape
+    assert torch.equal(fake.b_dec, sae.b_dec)  # the activations' centre is kept
+    assert torch.equal(fake.b_enc.sort().values, sae.b_enc.sort().values)  # biases permuted, not invented
+    assert torch.allclose(fake.W_enc.norm(dim=0), torch.full((n,), 3.0), atol=1e-5)  # encoder scale kept
+    assert torch.allclose(fake.W_dec.norm(dim=1), torch.ones(n), atol=1e-5)
+    # no learned feature survives (best match at chance) but the subspace does
+    cos = torch.nn.functional.normalize(fake.W_dec, dim=1) @ w.T
+    assert float(cos.abs().max(dim=1).values.mean()) < 0.9
+    assert float((fake.W_dec - (fake.W_dec @ basis.T) @ basis).norm()) < 1e-4
+    assert torch.equal(SAE.load_from_disk(tmp_path / "floor").W_dec, fake.W_dec)
+
+
+def test_compare_saes_writes_no_cache_unless_asked(tmp_path, monkeypatch):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from qsae_lens.compare import compare_saes
+
+    monkeypatch.setenv("QSAE_LENS_CACHE", str(tmp_path / "cache"))
+    saes = []
+    for seed in (1, 2):
+        sae = TopKSAE(TopKSAEConfig(d_in=16, d_sae=40, k=4))
+        with torch.no_grad():
+            sae.W_dec.copy_(torch.randn(40, 16, generator=torch.Generator().manual_seed(seed)))
+        saes.append(sae)
+    for null in ("anisotropic", "isotropic"):
+        compare_saes(*saes, null=null, n_bootstrap=50, n_permutations=50, progress=False)
+    assert not list((tmp_path / "cache").rglob("*.json"))
+    compare_saes(*saes, null="isotropic", n_bootstrap=50, n_permutations=50, progress=False, cache_nulls=True)
+    assert list((tmp_path / "cache").rglob("alignment_*.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["subspace", "power_law"])
+def test_unrelated_dictionaries_sit_at_the_anisotropic_null(shape):
+    """Unrelated dictionaries sharing a 96-dim subspace of 576 (or a power-law spectrum) score like the null:
+    the one-sided p of "a matches b better than a matches the null" is uniform over repeats, so its
+    false-positive rate at alpha 0.05 is within [0.03, 0.07]."""
+    from qsae_lens.compare.alignment import best_match
+    from qsae_lens.compare.stats import paired_permutation_test
+
+    d, r, n, reps = 576, 96, 48, 600
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    p_values = []
+    for rep in range(reps):
+        if shape == "subspace":
+            a, b = (_subspace_dictionary(n, q[:, :r].T, 10 * rep + i) for i in (1, 2))
+        else:
+            a, b = (_power_law_dictionary(n, d, q, 10 * rep + i) for i in (1, 2))
+        z = anisotropic_directions(b, n, seed=rep)
+        obs, nul = best_match(a, b).cosine, best_match(a, z).cosine
+        p_values.append(float(paired_permutation_test(obs, nul, n_permutations=200, seed=rep, alternative="greater")))
+    p = torch.tensor(p_values)
+    fpr = float((p <= 0.05).double().mean())
+    assert 0.03 <= fpr <= 0.07, fpr
+    # uniform: each quartile of [0, 1] holds about a quarter of the p-values
+    counts = torch.histc(p, bins=4, min=0, max=1) / reps
+    assert float((counts - 0.25).abs().max()) < 0.06, counts
