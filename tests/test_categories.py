@@ -140,3 +140,21 @@ def test_sae_codes_streams_saelens_encode():
     with torch.no_grad():
         torch.testing.assert_close(codes, sae.encode(x))
     assert not codes.requires_grad
+
+
+def test_precision_transition_table_beside_the_seed_one():
+    from qsae_lens.compare.categories import seed_and_precision_transition_tables
+
+    # baseline categories 0,1,2,3,0; the other seed keeps them in a permuted order; the precision kills latent 1
+    base = torch.tensor([0, 1, 2, 3, 0])
+    other_seed = torch.tensor([3, 2, 1, 0, 0])  # latent i of base matched to 3 - i (and 4 -> 4)
+    prec = torch.tensor([0, 0, 2, 3, 0])
+    idx = torch.arange(5)
+    t = seed_and_precision_transition_tables(base, other_seed, (idx, torch.tensor([3, 2, 1, 0, 4])), prec, (idx, idx))
+    assert t.names[0] == "dead"
+    # seed to seed: every latent keeps its category -> diagonal counts = category counts of base
+    assert torch.equal(t.seed, torch.diag(torch.tensor([2, 1, 1, 1])))
+    # precision: one latent moves from category 1 to category 0 (written out)
+    expected = torch.diag(torch.tensor([2, 0, 1, 1]))
+    expected[1, 0] = 1
+    assert torch.equal(t.precision, expected)

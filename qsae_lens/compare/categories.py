@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,6 +32,8 @@ __all__ = [
     "firing_frequency_from_sparsity_file",
     "firing_stats_from_codes",
     "latent_categories",
+    "TransitionTables",
+    "seed_and_precision_transition_tables",
 ]
 
 DEAD, RARE, COMMON, FREQUENT = 0, 1, 2, 3
@@ -185,3 +188,36 @@ def category_transition_table(cat_a: Tensor, cat_b: Tensor) -> Tensor:
     if a.numel() and (a.min() < 0 or a.max() >= k or b.min() < 0 or b.max() >= k):
         raise ValueError("categories must be codes 0..3 as returned by latent_categories.")
     return torch.bincount(a * k + b, minlength=k * k).reshape(k, k)
+
+
+class TransitionTables(NamedTuple):
+    """Category transitions of matched latents: seed to seed (the yardstick) beside baseline to precision."""
+
+    names: tuple[str, ...]
+    """Category names, the row/column order of both tables."""
+    seed: Tensor
+    """Tensor[C, C] int64: baseline seed s (rows) -> baseline seed s' (columns), matched latents."""
+    precision: Tensor
+    """Tensor[C, C] int64: baseline seed s (rows) -> precision SAE (columns), matched latents."""
+
+
+def seed_and_precision_transition_tables(
+    cat_base: Tensor,
+    cat_other_seed: Tensor,
+    seed_matching: tuple[Tensor, Tensor],
+    cat_precision: Tensor,
+    precision_matching: tuple[Tensor, Tensor],
+) -> TransitionTables:
+    """The precision's transition table beside the seed-to-seed one, so "dead at nf4" is read against how
+    many latents change category between two baseline seeds anyway.
+
+    ``cat_*``: Tensor[d_sae] category codes (:func:`latent_categories`); ``*_matching``: ``(rows, cols)``
+    Tensor[m] int64 of a one-to-one matching with the baseline SAE's latents as rows.
+    """
+    rows_s, cols_s = seed_matching
+    rows_p, cols_p = precision_matching
+    return TransitionTables(
+        tuple(CATEGORY_NAMES),
+        category_transition_table(cat_base[rows_s], cat_other_seed[cols_s]),
+        category_transition_table(cat_base[rows_p], cat_precision[cols_p]),
+    )
