@@ -2,7 +2,8 @@
 composes (one function per metric over tensors with documented shapes).
 
 - ``alignment``: best match, mutual nearest neighbours, one-to-one matching, Procrustes (blockwise).
-- ``nulls``: what random SAEs of the same shapes score (analytic or simulated and cached).
+- ``nulls``: what random SAEs of the same shapes score: anisotropy-matched (default) or isotropic.
+- ``seeds``: a precision's effect against the seed-to-seed ceiling, seeds as the replication unit.
 - ``stats``: bootstrap CIs, paired permutation tests, Holm / Benjamini-Hochberg.
 - ``cka``: linear CKA (feature-space form, streamed; debiased; permutation null).
 - ``categories``: dead / rare / common / frequent latents and their transitions.
@@ -44,6 +45,14 @@ _EXPORTS: dict[str, str] = {
     "matched_cosine_null": "nulls",
     "mutual_nn_null": "nulls",
     "simulate_alignment_nulls": "nulls",
+    "anisotropic_directions": "nulls",
+    "anisotropic_random_sae_like": "nulls",
+    "covariance_matched_activations": "nulls",
+    # seeds as the replication unit
+    "SeedEffect": "seeds",
+    "SharingBar": "seeds",
+    "seed_effect": "seeds",
+    "sharing_bar": "seeds",
     # statistics
     "Estimate": "stats",
     "bootstrap_ci": "stats",
