@@ -96,7 +96,7 @@ def test_report_leads_with_the_headline_and_renders_tables(sweep):
     page = (out / "report.html").read_text()
     assert page.index("Does this model") < page.index("<table")  # the answer before any table
     assert "<pre>" not in page and page.count("<table") >= 4
-    assert page.count("plotly.js v") <= 2 and "cdn.plot.ly" not in page  # plotly.js inlined once, offline
+    assert page.count("plotly.js v") == 1 and "<script src" not in page  # plotly.js inlined once: opens offline
     md = (out / "report.md").read_text()
     assert md.startswith("# qsae_lens precision sweep") and "| SAE \\ model |" in md
 
