@@ -21,6 +21,8 @@ TASKS = ("py_token_class", "shakespeare_king")
 """One token-level and one sentence-level task (the other built-ins run with ``qsae probe``)."""
 N_EXAMPLES = 600
 """Rows per task (classes balanced): small, so the step stays within its CPU budget."""
+MAX_DOCS = 40
+"""stdlib files (one 64-token window each) for the token task; the forward pass is the step's main cost."""
 CV = 5
 
 
@@ -38,12 +40,15 @@ def run_step(plan: Any, core: Any) -> ProbeSweepResult:
     models = {p: core.models[p] for p in order if p in core.models}
     inputs = {"models": {p: m.precision_metadata.get("weights_sha256") for p, m in models.items()},
               "saes": {str(layer): sae_identity(CellKey(plan.baseline, layer, seed).dir(plan.out_dir)) for layer in saes},
-              "layers": list(plan.layers), "hook": plan.hook, "tasks": list(TASKS), "n_examples": N_EXAMPLES,
+              "layers": list(plan.layers), "hook": plan.hook, "tasks": list(TASKS), "n_examples": N_EXAMPLES, "max_docs": MAX_DOCS,
               "cv": CV, "seed": seed, "version": 1}
     folder = plan.step_dir(NAME)
 
     def compute(tmp: Any) -> None:
-        result = probe_sweep(models, TASKS, plan.layers, saes=saes, baseline=plan.baseline, hook=plan.hook,
+        from qsae_lens.probing.tasks import build_task
+
+        tasks = [build_task(t, core.tokenizer, n_examples=N_EXAMPLES, max_docs=MAX_DOCS, seed=seed) for t in TASKS]
+        result = probe_sweep(models, tasks, plan.layers, saes=saes, baseline=plan.baseline, hook=plan.hook,
                              n_examples=N_EXAMPLES, cv=CV, seed=seed, model_path=plan.model_path)
         atomic_write_json(tmp / "probe.json", result.to_json())
 
