@@ -216,6 +216,18 @@ def test_probe_command_rejects_bad_sae_spec():
         run_probe_command(p.parse_args(["--sae", "3=/nonexistent/sae"]))
 
 
+def test_unknown_task_and_missing_probes_extra_are_clear_errors():
+    import importlib.util
+
+    from qsae_lens.probing.tasks import build_task
+
+    with pytest.raises(ValueError, match="Unknown probing task"):
+        build_task("no_such_task", tokenizer=None)
+    if importlib.util.find_spec("sae_probes") is None:  # the 'probes' extra is not installed here
+        with pytest.raises(ImportError, match=r"qsae-lens\[probes\]"):
+            build_task("sae_probes:5_hist_fig_ismale", tokenizer=None)
+
+
 @pytest.mark.slow
 def test_probe_sweep_and_sweep_step_end_to_end(smollm2_path, tmp_path, monkeypatch):
     """Two precisions, a real (randomly initialised) SAELens SAE applied to both, the report page,
