@@ -30,6 +30,8 @@ def test_greedy_equals_hf_generate_batched(model):
 def test_hooks_apply_to_prefix_and_every_step(model):
     """With a hook that adds a vector to a residual stream, cached generation equals recomputing the
     whole sequence each step (no cache): the hook reached the cached prefix and each new token."""
+    if model.precision.name != "fp32":
+        pytest.skip("hook routing is precision independent; nf4 is covered by the HF equality test")
     g = torch.Generator().manual_seed(0)
     v = torch.randn(model.cfg.d_model, generator=g) * 8.0
 

@@ -194,9 +194,9 @@ def test_transfer_identical_models_ratio_one(model, sae):
 
     iv = functools.partial(steer_feature, sae=sae, latent=3, strength=30.0)
     res = intervention_transfer({"fp32": model, "same": model}, lambda m: iv(m),
-                                PROMPTS, lambda m: logprob_diff_measure(m, " #", " return"), n_resamples=200)
+                                PROMPTS[:3], lambda m: logprob_diff_measure(m, " #", " return"), n_resamples=200)
     assert abs(res.effects["same"].ratio.value - 1.0) < 1e-9
-    corr = feature_effect_correlation({"fp32": model, "same": model}, sae, [1, 2, 3], PROMPTS[:2], strength=30.0)
+    corr = feature_effect_correlation({"fp32": model, "same": model}, sae, [1, 2, 3], PROMPTS[:1], strength=30.0)
     assert abs(corr.pearson["same"] - 1.0) < 1e-9 and corr.effects["fp32"].shape == (3,)
 
 
