@@ -376,3 +376,30 @@ def test_hub_ids_resolve_through_saelens(saes, tmp_path, monkeypatch):
         compare_saes(saes["a"], (repo_id, "nope"), **FAST)
     with pytest.raises(ValueError, match="neither a local folder nor a hub id"):
         compare_saes(saes["a"], "not-a-release/x", **FAST)
+
+
+def test_code_cka_is_debiased_and_alive_only_excludes_dead_latents(saes):
+    """Independent tokens: debiased code CKA ~ 0 (the biased form sits far above it when d_sae ~ n);
+    latents that never fire are left out of decoder_matched_cosine_alive (checked against a hand mask)."""
+    from sae_lens import SAE
+
+    from qsae_lens.compare import compare_saes
+    from qsae_lens.compare.activation_metrics import sae_codes
+    from qsae_lens.compare.alignment import one_to_one_matching
+    from qsae_lens.compare.cka import linear_cka
+
+    g = torch.Generator().manual_seed(9)
+    x_a, x_b = torch.randn(160, D_IN, generator=g), torch.randn(160, D_IN, generator=g)
+    rep = compare_saes(saes["a"], saes["random"], activations=(x_a, x_b), **FAST)
+    m = rep.metrics
+    assert abs(m["latent_code_cka"].value) < 0.05
+    sa, sb = SAE.load_from_disk(saes["a"]), SAE.load_from_disk(saes["random"])
+    ca, cb = sae_codes(sa, x_a, 64), sae_codes(sb, x_b, 64)
+    match = one_to_one_matching(sa.W_dec.detach(), sb.W_dec.detach())
+    assert linear_cka(ca[:, match.rows], cb[:, match.cols]) > abs(m["latent_code_cka"].value) + 0.05
+    # on 12 tokens (at most 96 firings of k=8) some latents never fire: they are left out
+    few = compare_saes(saes["a"], saes["random"], activations=(x_a[:12], x_b[:12]), **FAST).metrics
+    ca, cb = ca[:12], cb[:12]
+    alive = (ca > 0).any(0)[match.rows] & (cb > 0).any(0)[match.cols]
+    assert 0 < int(alive.sum()) < match.rows.numel()
+    assert few["decoder_matched_cosine_alive"].value == pytest.approx(float(match.cosine[alive].double().mean()), abs=1e-6)

@@ -35,6 +35,8 @@ cached activations (``qsae_lens.activations.cache_activations``)."""
 # cfg.metadata keys under which qsae_lens records the precision an SAE was trained at (DEVELOPERS.md)
 PRECISION_KEYS = PRECISION_METADATA_KEYS
 MATCH_THRESHOLDS = (0.5, 0.7, 0.9)
+MIN_CATEGORY_TOKENS = 100_000
+"""Fewer held-out tokens than this: latent categories come from the training sparsity files when present."""
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 
@@ -285,8 +287,15 @@ def compare_saes(
                 la, lb, xs, matching, procrustes, ctx=ctx, batch_size=batch_size, metrics=metrics,
                 notes=notes,
             )  # fmt: skip
+            has_sparsity = all(lo.sparsity_path is not None or lo.log_sparsity is not None for lo in (la, lb))
+            if xs[0].shape[0] < MIN_CATEGORY_TOKENS and has_sparsity:
+                # a latent firing at 5e-4 looks dead in ~2,000 tokens 37% of the time: the training
+                # sparsity (SAELens's file, counted over the whole training run) is the better source
+                categories = _categories_from_sparsity(la, lb, matching)
+                notes.append(f"latent categories from sparsity.safetensors: {xs[0].shape[0]} held-out tokens "
+                             f"< {MIN_CATEGORY_TOKENS:,}")  # fmt: skip
         else:
-            categories = _categories_from_sparsity(la, lb, matching)
+            categories = _categories_from_sparsity(la, lb, matching, metrics, ctx)
     finally:
         bar.close()
 
@@ -752,8 +761,11 @@ def _cka_metric(
     y: Tensor,
     ctx: _Context,
     notes: list[str],
+    *,
+    name_debiased_first: bool = False,
 ) -> None:
-    """Biased (and optionally debiased) linear CKA with a token-permutation null and p-value."""
+    """Linear CKA (biased, or debiased with ``name_debiased_first``) and optionally the debiased form under
+    ``names[1]``, each with a token-permutation null and p-value."""
     from qsae_lens.compare.cka import MAX_FEATURE_DIM, cka_permutation_null, gram_linear_cka, linear_cka
 
     name, debiased_name = names
@@ -764,26 +776,32 @@ def _cka_metric(
         notes.append(
             f"{name}: width {max(d1, d2)} > {MAX_FEATURE_DIM}, CKA from the Gram form on {n_sub} tokens"
         )
-        metrics[name] = MetricResult(gram_linear_cka(x[:n_sub], y[:n_sub]))
+        metrics[name] = MetricResult(gram_linear_cka(x[:n_sub], y[:n_sub], debiased=name_debiased_first))
         if debiased_name:
             metrics[debiased_name] = MetricResult(gram_linear_cka(x[:n_sub], y[:n_sub], debiased=True))
         return
     n_perm = int(
         min(ctx.n_permutations, _CKA_MAX_PERMUTATIONS, _CKA_PERMUTATION_BUDGET // max(n * d1 * d2, 1))
     )
-    for metric, debiased in ((name, False), (debiased_name, True)):
+    # When even 100 permutations of all n tokens exceed the budget, the null is computed on a random
+    # token subsample that fits (the test then asks the same question on fewer tokens: less power,
+    # same validity) instead of being skipped.
+    xs_null, ys_null = x, y
+    if _CKA_PERMUTATION_BUDGET // max(n * d1 * d2, 1) < 100:
+        n_sub = max(16, int(_CKA_PERMUTATION_BUDGET // (100 * d1 * d2)))
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))[: min(n, n_sub)]
+        xs_null, ys_null = x[idx], y[idx]
+        n_perm = int(min(ctx.n_permutations, _CKA_MAX_PERMUTATIONS, 100))
+        notes.append(f"{name}: permutation null on a random subsample of {idx.numel()} of {n} tokens "
+                     f"({n}x{d1}x{d2} is too large for 100 permutations of all tokens)")  # fmt: skip
+    for metric, debiased in ((name, name_debiased_first), (debiased_name, True)):
         if metric is None:
             continue
         value = linear_cka(x, y, debiased=debiased)
-        null = p = None
-        if n_perm >= 100:
-            res = cka_permutation_null(x, y, n_permutations=n_perm, seed=ctx.seed, debiased=debiased)
-            null, p = float(res.null.mean()), float(res.p_value)
-        else:
-            notes.append(
-                f"{metric}: permutation null skipped ({n}x{d1}x{d2} is too large for 100 permutations)"
-            )
-        metrics[metric] = MetricResult(value, null=null, p_value=p)
+        res = cka_permutation_null(xs_null, ys_null, n_permutations=n_perm, seed=ctx.seed, debiased=debiased)
+        metrics[metric] = MetricResult(
+            value, null=float(res.null.mean()), p_value=float(res.p_value), null_kind="token-permutation"
+        )
 
 
 def _activation_metrics(
@@ -815,7 +833,10 @@ def _activation_metrics(
     ctx.step("SAE codes")
 
     rows, cols = matching.rows.cpu(), matching.cols.cpu()
-    _cka_metric(metrics, ("latent_code_cka", None), codes_a[:, rows], codes_b[:, cols], ctx, notes)
+    # codes have d_sae ~ n columns, where biased CKA is far from 0 for independent codes (issue 9: 0.269
+    # against a debiased -0.0005 at n=2030, d=2048): latent_code_cka is the debiased form
+    _cka_metric(metrics, ("latent_code_cka", None), codes_a[:, rows], codes_b[:, cols], ctx, notes,
+                name_debiased_first=True)  # fmt: skip
     ctx.step("latent code CKA")
 
     corr = _finite(latent_activation_correlation(codes_a, codes_b, rows, cols))
@@ -857,9 +878,29 @@ def _activation_metrics(
             )
     ctx.step("cross-reconstruction")
 
+    _alive_metric(metrics, matching, (codes_a > 0).any(0), (codes_b > 0).any(0), ctx)
     cats = _categories_from_codes(codes_a, codes_b, rows, cols)
     ctx.step("latent categories")
     return cats
+
+
+def _alive_metric(
+    metrics: dict[str, MetricResult], matching: Any, alive_a: Tensor, alive_b: Tensor, ctx: _Context
+) -> None:
+    """``decoder_matched_cosine_alive``: the matched cosine over pairs whose latents both fire (Tensor[d_sae]
+    bool masks): dead latents sit at their initialisation and would pull the mean toward chance."""
+    from qsae_lens.compare.stats import bootstrap_ci
+
+    keep = alive_a.cpu()[matching.rows.cpu()] & alive_b.cpu()[matching.cols.cpu()]
+    v = _finite(matching.cosine.cpu()[keep])
+    ref = metrics.get("decoder_matched_cosine")
+    if v.numel() < 2:
+        metrics["decoder_matched_cosine_alive"] = MetricResult(float("nan"))
+        return
+    est = bootstrap_ci(v, n_resamples=ctx.n_bootstrap, seed=ctx.seed)
+    metrics["decoder_matched_cosine_alive"] = MetricResult(
+        est.value, est.ci_low, est.ci_high, ref.null if ref else None, null_kind=ref.null_kind if ref else None
+    )
 
 
 def _categories_from_codes(codes_a: Tensor, codes_b: Tensor, rows: Tensor, cols: Tensor) -> dict[str, Any]:
@@ -870,7 +911,13 @@ def _categories_from_codes(codes_a: Tensor, codes_b: Tensor, rows: Tensor, cols:
     return _category_summary(latent_categories(fa, ma), latent_categories(fb, mb), rows, cols, "activations")
 
 
-def _categories_from_sparsity(la: LoadedSAE, lb: LoadedSAE, matching: Any) -> dict[str, Any]:
+def _categories_from_sparsity(
+    la: LoadedSAE,
+    lb: LoadedSAE,
+    matching: Any,
+    metrics: dict[str, MetricResult] | None = None,
+    ctx: _Context | None = None,
+) -> dict[str, Any]:
     """Categories from SAELens's sparsity.safetensors (log10 firing frequency) when both SAEs have one."""
     if any(lo.sparsity_path is None and lo.log_sparsity is None for lo in (la, lb)):
         return {
@@ -890,6 +937,8 @@ def _categories_from_sparsity(la: LoadedSAE, lb: LoadedSAE, matching: Any) -> di
         else:
             freqs.append(firing_frequency_from_log_sparsity(loaded.log_sparsity, source=loaded.source))
     cat_a, cat_b = (latent_categories(f, None) for f in freqs)
+    if metrics is not None and ctx is not None:  # the training sparsity: alive = fired during training
+        _alive_metric(metrics, matching, freqs[0] > 0, freqs[1] > 0, ctx)
     return _category_summary(cat_a, cat_b, matching.rows.cpu(), matching.cols.cpu(), "sparsity.safetensors")
 
 
