@@ -138,7 +138,7 @@ def test_no_temporaries_and_no_lock_left(sweep):
     assert not (out / ".qsae.lock").exists()
 
 
-def test_a_second_run_is_refused_while_the_folder_is_locked(sweep, tmp_path):
+def test_a_second_run_is_refused_while_the_folder_is_locked(tmp_path):
     """A live process holds the lock: the sweep refuses with a message naming it, and writes nothing."""
     import socket
 
