@@ -13,7 +13,7 @@ from qsae_lens.crosscoder.diff import (
     classify,
     diff_latents,
 )
-from qsae_lens.crosscoder.model import CrossCoder, CrossCoderConfig, stack_sources
+from qsae_lens.crosscoder.model import CrossCoder, CrossCoderConfig, SparseCodes, decode_bags, stack_sources
 from qsae_lens.crosscoder.train import (
     TrainResult,
     explained_variance,
@@ -23,6 +23,7 @@ from qsae_lens.crosscoder.train import (
 
 __all__ = [
     "DEAD", "SHARED", "Calibration", "CrossCoder", "CrossCoderConfig", "LatentDiff", "TrainResult",
-    "calibrate_threshold", "classify", "diff_latents", "explained_variance", "stack_sources",
+    "SparseCodes", "calibrate_threshold", "classify", "decode_bags", "diff_latents", "explained_variance",
+    "stack_sources",
     "train_crosscoder", "train_crosscoder_with_history",
 ]

@@ -22,9 +22,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qsae_lens._io import atomic_dir, atomic_write_json
@@ -110,7 +111,9 @@ class CrossCoder(nn.Module):
     # ------------------------------------------------------------------ encode / decode
     def pre_acts(self, xn: Tensor) -> Tensor:
         """Tensor[n, d_sae]: ReLU encoder output from normalised inputs Tensor[n, S, d]."""
-        return torch.relu(torch.einsum("nsd,sdm->nm", xn - self.b_dec, self.W_enc) + self.b_enc)
+        # one (n, S·d) @ (S·d, d_sae) matmul: W_enc is contiguous, so the reshape is free
+        s, d, m = self.W_enc.shape
+        return torch.relu((xn - self.b_dec).reshape(-1, s * d) @ self.W_enc.reshape(s * d, m) + self.b_enc)
 
     def selection_scores(self, pre: Tensor) -> Tensor:
         """Tensor[n, d_sae]: pre-activations weighted by the sum over sources of decoder norms (what
@@ -152,6 +155,39 @@ class CrossCoder(nn.Module):
         min_kept = kept[kept > 0].min() if bool((kept > 0).any()) else kept.new_tensor(0.0)
         return pre * mask.view_as(pre), min_kept.detach()
 
+    def batch_topk_sparse(self, pre: Tensor, k: int | None = None) -> tuple[SparseCodes, Tensor]:
+        """Training rule of :meth:`batch_topk`, returned sparse: the ``k * n`` kept activations as
+        :class:`SparseCodes` (token-major order, values still attached to ``pre``'s graph) and the
+        smallest kept positive score (Tensor[]). Kept entries whose ReLU output is 0 are dropped
+        (they contribute nothing). Memory: the flat top-``k·n`` indices, no dense mask."""
+        k = self.cfg.k if k is None else k
+        n, m = pre.shape
+        scores = self.selection_scores(pre).flatten()
+        n_keep = min(k * n, scores.numel())
+        top = torch.topk(scores.detach(), n_keep, sorted=False)
+        keep = top.values > 0
+        flat = torch.sort(top.indices[keep]).values  # token-major: what embedding_bag's offsets need
+        min_kept = top.values[keep].min() if bool(keep.any()) else top.values.new_tensor(0.0)
+        tokens = torch.div(flat, m, rounding_mode="floor")
+        codes = SparseCodes(values=pre.flatten()[flat], latents=flat - tokens * m,
+                            offsets=_offsets(tokens, n), n_tokens=n)
+        return codes, min_kept.detach()
+
+    def decode_sparse(self, codes: SparseCodes) -> Tensor:
+        """Σ_i f_i · W_dec[i] over the kept latents only, no ``b_dec``: Tensor[n, S, d] (normalised units).
+
+        One ``embedding_bag`` over ``W_dec`` viewed as Tensor[d_sae, S·d] gathers the active rows
+        of each token's bag: O(nnz·S·d) instead of the dense O(n·d_sae·S·d) matmul, and its backward
+        scatters into the active rows only. The fast twin of :meth:`decode_dense_reference`
+        (tests check they agree in values and gradients)."""
+        s, d = self.cfg.n_sources, self.cfg.d_in
+        return decode_bags(codes, self.W_dec.reshape(self.cfg.d_sae, s * d)).reshape(-1, s, d)
+
+    def decode_dense_reference(self, codes: SparseCodes) -> Tensor:
+        """Reference twin of :meth:`decode_sparse`: scatter the codes into Tensor[n, d_sae] and
+        decode with the dense einsum. Tensor[n, S, d], normalised units, no ``b_dec``."""
+        return torch.einsum("nm,msd->nsd", codes.to_dense(self.cfg.d_sae), self.W_dec)
+
     # ------------------------------------------------------------------ save / load
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Save as ``crosscoder.safetensors`` + ``cfg.json`` into ``folder``, atomically (whole folder)."""
@@ -181,6 +217,56 @@ class CrossCoder(nn.Module):
         c = self.cfg
         return (f"sources={c.source_names}, d_in={c.d_in}, d_sae={c.d_sae}, sparsity={c.sparsity}, "
                 + (f"k={c.k}" if c.sparsity == "batchtopk" else f"l1_coefficient={c.l1_coefficient}"))
+
+
+class SparseCodes(NamedTuple):
+    """Sparse latent activations of ``n_tokens`` tokens, one variable-size bag per token (the
+    layout ``torch.nn.functional.embedding_bag`` reads)."""
+
+    values: Tensor
+    """Tensor[nnz]: activations, token-major (all of token 0's, then token 1's, ...)."""
+    latents: Tensor
+    """Tensor[nnz] long: the latent index of each value."""
+    offsets: Tensor
+    """Tensor[n_tokens] long: where each token's bag starts in ``values`` (empty bags allowed)."""
+    n_tokens: int
+    """Number of tokens (bags)."""
+
+    def tokens(self) -> Tensor:
+        """Tensor[nnz] long: the token index of each value."""
+        counts = torch.diff(self.offsets, append=self.offsets.new_tensor([self.values.numel()]))
+        return torch.repeat_interleave(torch.arange(self.n_tokens, device=self.values.device), counts)
+
+    def to_dense(self, d_sae: int) -> Tensor:
+        """Tensor[n_tokens, d_sae] with the values scattered in (differentiable in ``values``)."""
+        flat = self.tokens() * d_sae + self.latents
+        out = self.values.new_zeros(self.n_tokens * d_sae).index_put((flat,), self.values, accumulate=True)
+        return out.view(self.n_tokens, d_sae)
+
+    @classmethod
+    def from_topk(cls, values: Tensor, indices: Tensor) -> SparseCodes:
+        """Codes from a fixed-size top-k: values, indices Tensor[n, k] (e.g. the aux-k selection)."""
+        n, k = values.shape
+        return cls(values.reshape(-1), indices.reshape(-1), torch.arange(n, device=values.device) * k, n)
+
+
+def _offsets(tokens: Tensor, n: int) -> Tensor:
+    """Tensor[n] start of each token's bag, from the sorted Tensor[nnz] token index of each entry."""
+    counts = torch.bincount(tokens, minlength=n)
+    return torch.cumsum(counts, 0) - counts
+
+
+def decode_bags(codes: SparseCodes, weight: Tensor) -> Tensor:
+    """Tensor[n_tokens, width] = Σ over each token's bag of ``value · weight[latent]``; weight
+    Tensor[d_sae, width].
+
+    The variable-bag form of ``OpenAITopKTrainingSAE.decode_sparse`` (which decodes a fixed k per
+    token from its own ``W_dec``; BatchTopK gives each token a different count, so the bags need
+    offsets): the same ``embedding_bag`` with ``per_sample_weights``, gradients to both ``weight``
+    and ``values``.
+    """
+    return F.embedding_bag(codes.latents, weight, codes.offsets, mode="sum",
+                           per_sample_weights=codes.values.to(weight.dtype))
 
 
 def stack_sources(sources: list[Tensor] | tuple[Tensor, ...]) -> Tensor:

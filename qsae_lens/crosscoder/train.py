@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from qsae_lens._io import atomic_write_bytes, atomic_write_json, json_sha256
-from qsae_lens.crosscoder.model import CrossCoder, CrossCoderConfig, Sparsity, stack_sources
+from qsae_lens.crosscoder.model import CrossCoder, CrossCoderConfig, SparseCodes, Sparsity, stack_sources
 
 CHECKPOINT_SUFFIX = ".ckpt"
 
@@ -111,6 +111,7 @@ def train_crosscoder_with_history(
     checkpoint_every: int = 500,
     record_every: int = 20,
     progress: bool = False,
+    sparse_decode: bool = True,
 ) -> TrainResult:
     """Train a crosscoder on S aligned sources and also return its loss curve (see :func:`train_crosscoder`)."""
     x_all = stack_sources(list(sources)).float()
@@ -160,20 +161,27 @@ def train_crosscoder_with_history(
         x = x_all[_batch_indices(n, batch_size, step, seed)]
         xn = model.normalise(x)
         pre = model.pre_acts(xn)
+        if sparsity == "batchtopk" and sparse_decode:
+            # decode only the k·B kept activations (embedding_bag), as openai_topk does per token
+            codes, min_kept = model.batch_topk_sparse(pre)
+            x_hat = model.decode_sparse(codes) + model.b_dec
+            fired = torch.bincount(codes.latents, minlength=d_sae) > 0
+        else:
+            if sparsity == "batchtopk":  # dense reference path (benchmarks, tests)
+                f, min_kept = model.batch_topk(pre)
+            else:
+                f = pre
+            x_hat = torch.einsum("nm,msd->nsd", f, model.W_dec) + model.b_dec
+            fired = (f > 0).any(0)
         if sparsity == "batchtopk":
-            f, min_kept = model.batch_topk(pre)
             with torch.no_grad():  # inference threshold: running mean of the smallest kept score
                 if step == 0:
                     model.threshold.copy_(min_kept)
                 else:
                     model.threshold.mul_(threshold_momentum).add_((1 - threshold_momentum) * min_kept)
-        else:
-            f = pre
-        x_hat = torch.einsum("nm,msd->nsd", f, model.W_dec) + model.b_dec
         mse = _normalised_mse(xn, x_hat)
         loss = mse
         extra: dict[str, float] = {}
-        fired = (f > 0).any(0)
         tokens_since_fired = torch.where(fired, torch.zeros_like(tokens_since_fired), tokens_since_fired + batch_size)
         if sparsity == "l1":
             l1 = (f * model.W_dec.norm(dim=-1).sum(-1)).sum(-1).mean()
@@ -187,8 +195,11 @@ def train_crosscoder_with_history(
                 residual = (xn - x_hat).detach()
                 dead_pre = pre * dead
                 top = torch.topk(dead_pre, min(k_aux, n_dead), dim=-1)
-                f_aux = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
-                aux_hat = torch.einsum("nm,msd->nsd", f_aux, model.W_dec)
+                if sparse_decode:
+                    aux_hat = model.decode_sparse(SparseCodes.from_topk(top.values, top.indices))
+                else:
+                    f_aux = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+                    aux_hat = torch.einsum("nm,msd->nsd", f_aux, model.W_dec)
                 aux = _normalised_mse(residual, aux_hat).clamp(max=float(s))  # bounded: a bad aux step cannot dominate
                 loss = loss + aux_coefficient * aux
                 extra["aux"] = float(aux.detach())
@@ -226,7 +237,9 @@ def train_crosscoder(sources: Sequence[Tensor], *, d_sae: int, k: int = 32, **kw
     comparison. Keyword options: ``steps``, ``batch_size``, ``lr``, ``aux_k``, ``aux_coefficient``,
     ``dead_steps``, ``seed`` (initial weights and data order), ``source_names``, ``metadata``,
     ``out_dir`` (saved there atomically; an interrupted run resumes from its last checkpoint, every
-    ``checkpoint_every`` steps), ``progress`` (tqdm). Each source is divided by its mean norm.
+    ``checkpoint_every`` steps), ``progress`` (tqdm), ``sparse_decode`` (default True: decode only
+    the kept latents with ``embedding_bag``; False: the dense reference matmul, same maths).
+    Each source is divided by its mean norm.
     """
     return train_crosscoder_with_history(sources, d_sae=d_sae, k=k, **kwargs).crosscoder
 
