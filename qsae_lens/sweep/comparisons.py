@@ -1,10 +1,15 @@
 """Sweep step 5: compare SAEs pairwise at each layer, against the seed-to-seed ceiling and a floor.
 
 The pairs (:func:`comparison_pairs`): every pair of baseline seeds (the **ceiling**: how alike two
-SAEs trained at the same precision are), every (precision seed, baseline seed) pair (**same_seed**
-when the seeds are equal, since shared initialisation inflates alignment, else
-**different_seed**), and a random SAE of the baseline's shape against baseline seed 0 (the
-**floor**). Each :class:`~qsae_lens.compare.ComparisonReport` is kept in ``compare/<name>/`` with the
+SAEs trained at the same precision are); per other precision, each of its seeds against the next
+baseline seed in cyclic order (**different_seed**: every seed of both sides used once) and its first
+seed against the baseline's first seed (**same_seed**: shared initialisation inflates alignment, so
+it is shown apart); and an anisotropy-matched random SAE (:func:`qsae_lens.compare.nulls.
+anisotropic_random_sae_like`: the baseline decoder's second moment, norms and biases, no learned
+direction) against baseline seed 0 (the **floor**). A full comparison (activations, Procrustes,
+CKA, categories) costs ~20 s at 1024 latents on a 2-core CPU, so not every cross pair gets one: the
+seed-level statistics over *all* (baseline seed, precision seed) pairs come from the ``seeds``
+analysis (:mod:`qsae_lens.sweep.steps.seeds`), which needs only the decoder matchings. Each :class:`~qsae_lens.compare.ComparisonReport` is kept in ``compare/<name>/`` with the
 identities of its inputs (SAE content hashes, activations, statistics settings): it is reused only
 when they are the same, so reordering seeds or retraining a cell can never attach a stale number
 to a label, and a changed ``n_bootstrap`` recomputes the comparisons and nothing else.
@@ -71,31 +76,10 @@ def comparison_pairs(plan: SweepPlan) -> list[Pair]:
         for p in plan.precision_names:
             if p == plan.baseline:
                 continue
-            pairs += [Pair("same_seed" if s == t else "different_seed", CellKey(p, layer, s), base[t])
-                      for s in seeds for t in seeds]
+            pairs += [Pair("different_seed", CellKey(p, layer, s), base[seeds[(i + 1) % len(seeds)]])
+                      for i, s in enumerate(seeds)]
+            pairs.append(Pair("same_seed", CellKey(p, layer, seeds[0]), base[seeds[0]]))
     return pairs
-
-
-def random_sae_like(sae: Any, seed: int) -> Any:
-    """A SAE of ``sae``'s class and shapes with random unit-norm directions and zero biases (the floor).
-
-    Kept here until ``qsae_lens.compare.nulls`` offers an anisotropy-matched random SAE builder.
-    """
-    import copy
-
-    gen = torch.Generator().manual_seed(seed)
-    rand = copy.deepcopy(sae)
-    with torch.no_grad():
-        for name, w in rand.named_parameters():
-            r = torch.randn(w.shape, generator=gen, dtype=torch.float32)
-            if name == "W_dec":
-                r = r / r.norm(dim=-1, keepdim=True)
-            elif name == "W_enc":
-                r = r / r.norm(dim=0, keepdim=True)
-            elif name.startswith("b_"):
-                r = torch.zeros_like(r)
-            w.copy_(r.to(w.dtype))
-    return rand
 
 
 class _EvalActivations:
@@ -131,6 +115,7 @@ def run_comparisons(plan: SweepPlan, saes: dict[CellKey, Any], identities: dict[
                     progress: bool = True) -> ComparisonsResult:
     """``compare_saes`` on every pair of :func:`comparison_pairs`, with the SAEs and activations in memory."""
     from qsae_lens.compare import ComparisonReport, compare_saes
+    from qsae_lens.compare.nulls import anisotropic_random_sae_like
 
     cfg = plan.config
     acts = _EvalActivations(plan, max_norms)
@@ -138,8 +123,8 @@ def run_comparisons(plan: SweepPlan, saes: dict[CellKey, Any], identities: dict[
     for pair in comparison_pairs(plan):
         b_sae = saes[pair.b]
         floor = pair.kind == "floor"
-        a_sae = random_sae_like(b_sae, pair.a.seed) if floor else saes[pair.a]
-        a_id = f"random(seed={pair.a.seed}, like={identities[pair.b]})" if floor else identities[pair.a]
+        a_sae = anisotropic_random_sae_like(b_sae, pair.a.seed) if floor else saes[pair.a]
+        a_id = f"anisotropic_random(seed={pair.a.seed}, like={identities[pair.b]})" if floor else identities[pair.a]
         a_prec = plan.baseline if floor else pair.a.precision
         hook = plan.hook_name(pair.b.layer)
         folder = plan.step_dir("compare") / pair.name

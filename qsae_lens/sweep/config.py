@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PRECISIONS = ("fp32", "int8", "nf4", "fp4")
-DEFAULT_ANALYSES: tuple[str, ...] = ()
-"""Analyses run when none are named (each costs extra minutes; name them with ``--analyses``)."""
+DEFAULT_ANALYSES: tuple[str, ...] = ("seeds", "survival", "interventions", "probing", "bitwidth")
+"""Analyses run when none are named: the seed-level headline and the cheap analyses (about 4 minutes
+together on the default sweep, 2-core CPU). The crosscoder is opt-in (``--analyses ...,crosscoder``)."""
 
 
 @dataclasses.dataclass
@@ -47,8 +48,8 @@ class SweepConfig:
     """Comma-separated init/data seeds trained at every precision (baseline seed pairs are the ceiling)."""
     architecture: str = "openai_topk"
     """SAE architecture (a name registered in qsae_lens.training.ARCHITECTURES)."""
-    d_sae: int = 2048
-    """Number of SAE latents."""
+    d_sae: int = 1024
+    """Number of SAE latents (1024: its seed pairs share features above the anisotropic null; docs/sweep.md)."""
     k: int = 32
     """Active latents per token (TopK architectures); must be < d_sae."""
     train_tokens: int = 24_576
@@ -78,7 +79,11 @@ class SweepConfig:
     seed: int = 0
     """Seed of the corpus split and of the statistics."""
     analyses: tuple[str, ...] | None = None
-    """Comma-separated analysis steps to run (see qsae_lens.sweep.steps.ANALYSES); default: none."""
+    """Comma-separated analysis steps to run (see qsae_lens.sweep.steps.ANALYSES); default: seeds,survival,interventions,probing,bitwidth."""
+    wandb: bool = False
+    """Log each training job to wandb as its own run (offline without credentials; $WANDB_MODE honoured)."""
+    wandb_project: str = "qsae_lens"
+    """wandb project of those runs."""
 
     def resolved_baseline(self) -> str:
         """The baseline precision name."""

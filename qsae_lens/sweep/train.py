@@ -42,6 +42,8 @@ class CellJob(NamedTuple):
     device: str
     threads: int | None = None
     """torch threads in the job (None: torch's default); equal counts give bit-identical weights."""
+    wandb: dict[str, Any] | None = None
+    """``WandbSettings`` fields when the job logs to wandb (one run per cell), else None."""
 
 
 class CellTraining(NamedTuple):
@@ -101,6 +103,7 @@ def train_cell(job: CellJob) -> dict[str, Any]:
     """
     import torch
 
+    from qsae_lens.training.common import WandbSettings
     from qsae_lens.training.fit import train_sae_on_activations
 
     if job.threads is not None:
@@ -113,6 +116,7 @@ def train_cell(job: CellJob) -> dict[str, Any]:
             _sae_config(job.training, acts.shape[1], job.seed, job.hook_name), acts,
             total_tokens=job.training["training_samples"], batch_size=job.training["batch_size"],
             lr=job.training["lr"], data_seed=job.seed, device=job.device, out_dir=tmp / "sae", metadata=job.metadata,
+            wandb=WandbSettings(**job.wandb) if job.wandb else None,
         )
         for f in (tmp / "sae").iterdir():
             f.rename(tmp / f.name)
@@ -140,8 +144,11 @@ def cell_job(plan: SweepPlan, key: CellKey, metadata: dict[str, Any], data_id: d
             "dataset_path": f"qsae_lens corpus:{data_id['corpus']}", "context_size": cfg.context_size,
             "exclude_special_tokens": True, "prepend_bos": False}  # windows already start with BOS
     inputs = {"cell": key.label, "training": training, "data": data_id}
+    # wandb is not among the inputs: switching logging on must not retrain a finished cell
+    wandb = ({"project": cfg.wandb_project, "name": key.label, "config": {**training, "cell": key.label}}
+             if cfg.wandb else None)
     return CellJob(str(key.dir(plan.out_dir)), str(plan.cache_dir(key.precision, "train", key.layer)), hook,
-                   key.seed, training, meta, inputs, plan.device, threads)
+                   key.seed, training, meta, inputs, plan.device, threads, wandb)
 
 
 def train_cells(plan: SweepPlan, metadata: dict[str, dict[str, Any]], data_ids: dict[str, dict[str, Any]],
