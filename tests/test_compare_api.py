@@ -279,6 +279,13 @@ def test_cli_end_to_end(saes, x_tokens, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["metrics"]["latent_activation_correlation_matched"]["value"] == pytest.approx(1.0, abs=1e-5)
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    # the CLI's default null is compare_saes's: anisotropic; --null isotropic reads the uniform null
+    assert report["metrics"]["decoder_matched_cosine"]["null_kind"] == "anisotropic"
+    iso = tmp_path / "iso"
+    assert main(["compare", str(saes["a"]), str(saes["permuted"]), "--out", str(iso), "--null", "isotropic",
+                 "--n-bootstrap", "50", "--n-permutations", "50", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert json.loads((iso / "report.json").read_text())["metrics"]["decoder_matched_cosine"]["null_kind"] == "isotropic"
 
     assert main(["compare", str(saes["a"]), str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "checkpoint folder" in capsys.readouterr().err

@@ -41,9 +41,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--null",
-        default="auto",
-        choices=["auto", "analytic", "simulate", "none"],
-        help="how the random-SAE baseline is obtained (default auto)",
+        default="anisotropic",
+        choices=["anisotropic", "isotropic", "auto", "analytic", "simulate", "none"],
+        help="the random-SAE baseline, as compare_saes(null=...): anisotropic (default: random directions with "
+        "the target dictionary's second moment), isotropic (uniform directions), auto (= anisotropic), "
+        "analytic/simulate (isotropic reference computed in closed form or simulated), none",
     )
     parser.add_argument(
         "--block-size", type=int, default=4096, help="latents per block of the similarity matrix"
