@@ -8,9 +8,9 @@ the run-to-run variance. These plain functions take *per-pair* values of one met
 - ``cross[(s, t)]``: Tensor[n_latents] for each (baseline seed s, precision seed t) pair;
 
 and return the precision's value (mean over cross pairs of the per-pair mean), the ceiling (mean over
-baseline pairs), their difference (the effect), a 95% CI of the effect from a hierarchical bootstrap whose
-unit is the seed (resample baseline seeds and precision seeds with replacement, then latents within each
-pair), and a one-sided p-value from a permutation test that exchanges precision labels across seeds.
+baseline pairs), their difference (the effect), a 95% CI of the effect from a bootstrap whose unit is the
+seed (resample baseline seeds and precision seeds with replacement; each pair enters by its mean over
+latents, which already carries the latent noise, so latents are not resampled again), and a one-sided p-value from a permutation test that exchanges precision labels across seeds.
 
 Cross pairs with the same seed (s == t) share the init and the data order, so they are more alike than any
 ceiling pair (which has s != s'); by default they are left out so that both sides compare SAEs of different
@@ -31,6 +31,7 @@ __all__ = [
     "SeedEffect",
     "SharingBar",
     "seed_effect",
+    "seed_bootstrap_effect",
     "hierarchical_bootstrap_effect",
     "seed_label_permutation_test",
     "sharing_bar",
@@ -51,7 +52,7 @@ class SeedEffect(NamedTuple):
     effect: float
     """``value - ceiling`` (negative: the precision moves the SAE more than a change of seed does)."""
     ci_low: float
-    """Lower end of the 95% hierarchical-bootstrap interval of ``effect`` (unit: seeds, then latents)."""
+    """Lower end of the 95% seed-bootstrap interval of ``effect`` (unit: per-pair means; seeds resampled)."""
     ci_high: float
     """Upper end of that interval."""
     p_value: float
@@ -65,7 +66,7 @@ class SeedEffect(NamedTuple):
     """Per-pair means of the baseline seed pairs (the ceiling distribution)."""
     p_value_text: str
     """``p_value`` for display: "< 1/(m+1)" style when it sits at the smallest value the test can give."""
-    unit: str = "hierarchical bootstrap: seeds (baseline and precision, with replacement), then latents"
+    unit: str = "seed bootstrap: baseline and precision seeds with replacement; unit = per-pair mean over latents"
     alternative: str = "one-sided: effect < 0"
 
     def to_dict(self) -> dict[str, object]:
@@ -134,16 +135,19 @@ def _select(ceiling: Pairs, cross: Pairs, exclude_same_seed: bool):
     return ceil, crs
 
 
-def hierarchical_bootstrap_effect(
+def seed_bootstrap_effect(
     ceiling: Pairs, cross: Pairs, *, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, Tensor]:
-    """Percentile CI of ``mean(cross pairs) - mean(ceiling pairs)`` resampling seeds, then latents.
+    """Percentile CI of ``mean(cross pairs) - mean(ceiling pairs)`` resampling seeds; the unit is the pair mean.
 
-    Each resample draws the baseline seeds and the precision seeds with replacement; a pair's value is the
-    mean of its latents resampled with replacement (one latent resample per pair per bootstrap draw, as in a
-    two-stage bootstrap); ceiling pairs of a seed drawn with itself do not exist and are skipped. Resamples
+    Each resample draws the baseline seeds and the precision seeds with replacement and averages the
+    *per-pair means* (mean over latents) of the pairs the drawn seeds form; ceiling pairs of a seed drawn with
+    itself do not exist and are skipped. Latents are not resampled inside the pairs: a pair mean already
+    carries its latent-sampling noise, so resampling latents again inside resampled seeds counts that
+    variance twice (the two-stage version covered a known effect 0.997 of the time instead of 0.95; this one
+    0.960 with 8 + 8 seeds and 0.951 with 4 + 4, 1000 simulated repeats each, tests/test_seeds.py). Resamples
     with no valid pair on either side are dropped. Returns (low, high, effects: Tensor[n_valid] float64).
-    Memory: O(n_resamples x (n_pairs + max n_latents)) per pair, pairs processed one at a time.
+    Memory: O(n_resamples x n_seeds²).
     """
     b_seeds = sorted({s for k in ceiling for s in k} | {k[0] for k in cross})
     p_seeds = sorted({k[1] for k in cross})
@@ -152,22 +156,18 @@ def hierarchical_bootstrap_effect(
     gen = torch.Generator().manual_seed(seed)
     nb, npr = len(b_seeds), len(p_seeds)
     nan = float("nan")
-    # latent-level resample means: M[r, i, j] for every pair present (NaN where absent)
-    m_ceil = torch.full((n_resamples, nb, nb), nan, dtype=torch.float64)
-    m_cross = torch.full((n_resamples, nb, npr), nan, dtype=torch.float64)
+    # pair means: M[i, j] for every pair present (NaN where absent)
+    m_ceil = torch.full((nb, nb), nan, dtype=torch.float64)
+    m_cross = torch.full((nb, npr), nan, dtype=torch.float64)
     for (s, t), v in ceiling.items():
-        means = _latent_resample_means(v, n_resamples, gen)
-        m_ceil[:, bi[s], bi[t]] = means
-        m_ceil[:, bi[t], bi[s]] = means
+        m_ceil[bi[s], bi[t]] = m_ceil[bi[t], bi[s]] = torch.as_tensor(v).double().mean()
     for (s, t), v in cross.items():
-        m_cross[:, bi[s], pi[t]] = _latent_resample_means(v, n_resamples, gen)
+        m_cross[bi[s], pi[t]] = torch.as_tensor(v).double().mean()
     draw_b = torch.randint(nb, (n_resamples, nb), generator=gen)
     draw_p = torch.randint(npr, (n_resamples, npr), generator=gen)
-    r = torch.arange(n_resamples)[:, None, None]
-    ceil_vals = m_ceil[r, draw_b[:, :, None], draw_b[:, None, :]]  # [R, nb, nb]
-    same = draw_b[:, :, None] == draw_b[:, None, :]
-    ceil_vals = ceil_vals.masked_fill(same, nan)
-    cross_vals = m_cross[r, draw_b[:, :, None], draw_p[:, None, :]]  # [R, nb, np]
+    ceil_vals = m_ceil[draw_b[:, :, None], draw_b[:, None, :]]  # [R, nb, nb]
+    ceil_vals = ceil_vals.masked_fill(draw_b[:, :, None] == draw_b[:, None, :], nan)
+    cross_vals = m_cross[draw_b[:, :, None], draw_p[:, None, :]]  # [R, nb, np]
     effects = cross_vals.nanmean(dim=(1, 2)) - ceil_vals.nanmean(dim=(1, 2))
     effects = effects[torch.isfinite(effects)]
     if effects.numel() < 10:
@@ -177,15 +177,8 @@ def hierarchical_bootstrap_effect(
     return float(q[0]), float(q[1]), effects
 
 
-def _latent_resample_means(v: Tensor, n_resamples: int, gen: torch.Generator, chunk_elements: int = 1 << 22) -> Tensor:
-    n = v.numel()
-    out = torch.empty(n_resamples, dtype=torch.float64)
-    rows = max(1, chunk_elements // n)
-    for start in range(0, n_resamples, rows):
-        stop = min(n_resamples, start + rows)
-        idx = torch.randint(n, (stop - start, n), generator=gen)
-        out[start:stop] = v[idx].mean(dim=1)
-    return out
+hierarchical_bootstrap_effect = seed_bootstrap_effect
+"""Former name of :func:`seed_bootstrap_effect` (the latent stage was dropped: it counted latent noise twice)."""
 
 
 def seed_label_permutation_test(
@@ -297,7 +290,7 @@ def seed_effect(
     ceil_means = [float(v.mean()) for v in ceil.values()]
     cross_means = [float(v.mean()) for v in crs.values()]
     value, ceiling_value = _mean(cross_means), _mean(ceil_means)
-    lo, hi, _ = hierarchical_bootstrap_effect(ceil, crs, n_resamples=n_bootstrap, seed=seed)
+    lo, hi, _ = seed_bootstrap_effect(ceil, crs, n_resamples=n_bootstrap, seed=seed)
     p, exact, m = seed_label_permutation_test(ceil, crs, within_c, n_permutations=n_permutations, seed=seed)
     return SeedEffect(
         value=value,
