@@ -253,3 +253,42 @@ def test_sparse_and_dense_training_agree(data):
             for sp in (True, False)]
     for name, p in runs[0].state_dict().items():
         torch.testing.assert_close(p, runs[1].state_dict()[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_exclusive_latent_pages(tmp_path, data, batchtopk, smollm2_path):
+    """Pages for exactly the exclusive latents; each page's top example is the token where the latent's
+    code is largest (a dense argmax over all rows), rendered at the right cached position with the real
+    tokenizer; B-only latents contribute (almost) nothing to A; relative norm and cosine are listed."""
+    from transformers import AutoTokenizer
+
+    from qsae_lens.crosscoder.pages import exclusive_latent_pages
+
+    _, (a, b, _) = data
+    diff = diff_latents(batchtopk, [a, b], threshold=0.1)
+    excl = set((diff.exclusive_to >= 0).nonzero().flatten().tolist())
+    assert len(excl) >= 16  # the planted B-only features (test_batchtopk_recovers_planted_exclusives)
+    g = torch.Generator().manual_seed(7)
+    n_win, ctx = 40, 128
+    token_ids = torch.randint(100, 40_000, (n_win, ctx), generator=g)
+    positions = torch.randperm(n_win * ctx, generator=g)[: a.shape[0]].sort().values  # gaps: dropped rows
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    res = exclusive_latent_pages(batchtopk, [a, b], diff, token_ids, positions, tokenizer, tmp_path / "pages",
+                                 max_latents=1000, k=5)
+    assert set(res.latents) == excl
+    with torch.no_grad():
+        f = batchtopk.encode(torch.stack([a, b], 1))
+    norms = batchtopk.decoder_norms().detach()
+    index = (res.path / "index.html").read_text()
+    for row, j in enumerate(res.latents):
+        top_pos = int(positions[f[:, j].argmax()])
+        assert int(res.top_rows[row, 0]) == top_pos
+        page = (res.path / f"latent_{j:06d}.html").read_text()
+        focus = tokenizer.decode([int(token_ids.flatten()[top_pos])])
+        import html as html_mod
+
+        assert f">{html_mod.escape(focus)}</span>" in page and "tok focus" in page
+        assert f"{float(diff.relative_norm[j]):.3f}" in page and "decoder cosine" in page
+        assert f"latent_{j:06d}.html" in index
+        if int(diff.exclusive_to[j]) == 1:  # B-only: what it writes into A is (almost) nothing
+            assert "only source1" in page
+            assert float(norms[j, 0]) < 0.1 * float(norms[j, 1])

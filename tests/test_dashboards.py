@@ -96,3 +96,19 @@ def test_atlas_cli_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys):
     assert main(["atlas", str(tmp_path), "--out", str(tmp_path / "site")]) == 2
     err = capsys.readouterr().err.strip()
     assert "sweep_config.json" in err and len(err.splitlines()) == 1
+
+
+def test_extra_facts_become_page_rows_and_sortable_index_columns(tmp_path):
+    """``LatentPage.extra`` (e.g. a crosscoder latent's relative norm) shows on the page and as an
+    index column whose cells carry the number for sorting; text values are escaped."""
+    from qsae_lens.dashboards import Example, LatentPage, PrecisionView, write_feature_pages
+
+    view = PrecisionView("fp32", [Example(["a", "<b>"], [0.0, 2.0], 1, 2.0)], [], [0.0, 1.0, 2.0], [0, 1], 0.5, [], [])
+    pages = [LatentPage(3, [view], extra={"relative norm": 0.98765, "exclusive to": "only <nf4>"}),
+             LatentPage(7, [view], extra={"relative norm": 0.5, "exclusive to": "shared"})]
+    out = write_feature_pages(tmp_path / "site", pages)
+    index = (out / "index.html").read_text()
+    assert "<th>relative norm</th><th>exclusive to</th>" in index
+    assert "<td data-v='0.98765'>0.988</td><td>only &lt;nf4&gt;</td>" in index
+    page = (out / "latent_000003.html").read_text()
+    assert "<tr><th>relative norm</th><td data-v='0.98765'>0.988</td></tr>" in page and "<nf4>" not in page

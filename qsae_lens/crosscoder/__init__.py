@@ -14,6 +14,7 @@ from qsae_lens.crosscoder.diff import (
     diff_latents,
 )
 from qsae_lens.crosscoder.model import CrossCoder, CrossCoderConfig, SparseCodes, decode_bags, stack_sources
+from qsae_lens.crosscoder.pages import CrosscoderPages, exclusive_latent_pages
 from qsae_lens.crosscoder.train import (
     TrainResult,
     explained_variance,
@@ -22,7 +23,8 @@ from qsae_lens.crosscoder.train import (
 )
 
 __all__ = [
-    "DEAD", "SHARED", "Calibration", "CrossCoder", "CrossCoderConfig", "LatentDiff", "TrainResult",
+    "DEAD", "SHARED", "Calibration", "CrossCoder", "CrossCoderConfig", "CrosscoderPages", "LatentDiff", "TrainResult",
+    "exclusive_latent_pages",
     "SparseCodes", "calibrate_threshold", "classify", "decode_bags", "diff_latents", "explained_variance",
     "stack_sources",
     "train_crosscoder", "train_crosscoder_with_history",

@@ -57,6 +57,8 @@ class LatentPage:
     label: str | None = None
     """An explanation, when an explainer ran."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """Further per-latent facts (name -> number or text), shown on the page and as sortable index
+    columns (the first page's keys), e.g. a crosscoder latent's relative norm and decoder cosine."""
 
 
 def latent_filename(latent: int) -> str:
@@ -135,6 +137,13 @@ def _view_html(v: PrecisionView, scale: float) -> str:
             f"<h4>quantile examples</h4><div class='quantiles'>{qs}</div></div>")
 
 
+def _extra_cell(v: Any) -> str:
+    """A table cell for an ``extra`` value: numbers sortable (``data-v``) and shown to 3 decimals."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"<td>{html.escape('—' if v is None else str(v))}</td>"
+    return f"<td data-v='{v:.6g}'>{v if isinstance(v, int) else _num(v)}</td>"
+
+
 def write_feature_pages(out_dir: str | os.PathLike[str], pages: Sequence[LatentPage], *, title: str = "Feature atlas",
                         note: str = "") -> Path:
     """Write ``index.html`` and one page per latent into ``out_dir`` (replaced whole, atomically).
@@ -145,6 +154,7 @@ def write_feature_pages(out_dir: str | os.PathLike[str], pages: Sequence[LatentP
     """
     out_dir = Path(out_dir)
     precisions = [v.precision for v in pages[0].views] if pages else []
+    extra_keys = list(pages[0].extra) if pages else []
     with atomic_dir(out_dir, replace=True) as tmp:
         rows = []
         for p in pages:
@@ -154,16 +164,21 @@ def write_feature_pages(out_dir: str | os.PathLike[str], pages: Sequence[LatentP
             for v in p.views[1:]:
                 cells.append(f"<td class='status-{html.escape(v.status or '')}'>{html.escape(v.status or '—')}</td>")
                 cells.append(f"<td data-v='{'' if v.pearson is None else f'{v.pearson:.6g}'}'>{_num(v.pearson)}</td>")
+            cells.extend(_extra_cell(p.extra.get(key)) for key in extra_keys)
             cells.append(f"<td>{html.escape(p.label or '')}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
             scale = max((e.value for e in ref.top), default=0.0)
             body = (f"<p><a href='index.html'>index</a></p><h1>latent {p.latent}</h1>"
                     + (f"<p>label: {html.escape(p.label)}</p>" if p.label else "")
-                    + f"<p>{html.escape(note)}</p><div class='cols'>"
+                    + f"<p>{html.escape(note)}</p>"
+                    + ("<table class='extra'>" + "".join(f"<tr><th>{html.escape(str(key))}</th>{_extra_cell(v)}</tr>"
+                                                         for key, v in p.extra.items()) + "</table>" if p.extra else "")
+                    + "<div class='cols'>"
                     + "".join(_view_html(v, scale) for v in p.views) + "</div>")
             atomic_write_text(tmp / latent_filename(p.latent), _page(f"latent {p.latent}", body))
         head = "<th>latent</th><th>frequency</th>" + "".join(
-            f"<th>status {html.escape(q)}</th><th>r {html.escape(q)}</th>" for q in precisions[1:]) + "<th>label</th>"
+            f"<th>status {html.escape(q)}</th><th>r {html.escape(q)}</th>" for q in precisions[1:]) + "".join(
+            f"<th>{html.escape(str(key))}</th>" for key in extra_keys) + "<th>label</th>"
         body = (f"<h1>{html.escape(title)}</h1><p>{html.escape(note)}</p><p>{len(pages)} latents; click a column to sort.</p>"
                 f"<table id='latents'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
         atomic_write_text(tmp / "index.html", _page(title, body, _SORT_JS))
