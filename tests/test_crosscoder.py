@@ -204,6 +204,10 @@ def test_step_report_section_and_cli_errors(tmp_path):
     section = report_section(CrosscoderStepResult("fp32", CrosscoderSettings(), {"nf4/L16": cell}))
     assert section.key == "crosscoder" and "<table>" in section.html and "plotly" in section.html
     assert section.data["cells"]["nf4/L16"]["only_precision"] == [3, 4]
+    assert "feature pages" not in section.markdown.lower()
+    cell.pages = "crosscoder/nf4/layer16/pages"
+    section = report_section(CrosscoderStepResult("fp32", CrosscoderSettings(), {"nf4/L16": cell}))
+    assert "<a href='crosscoder/nf4/layer16/pages/index.html'>nf4/L16</a>" in section.html
     assert main(["crosscode", str(tmp_path), "--precision", "nf4"]) == 2  # not a sweep folder: one line, exit 2
 
 
@@ -292,3 +296,10 @@ def test_exclusive_latent_pages(tmp_path, data, batchtopk, smollm2_path):
         if int(diff.exclusive_to[j]) == 1:  # B-only: what it writes into A is (almost) nothing
             assert "only source1" in page
             assert float(norms[j, 0]) < 0.1 * float(norms[j, 1])
+    # the near-exclusive shared latents, when asked: those farthest from 0.5 among the shared ones
+    shared = [j for j in range(diff.exclusive_to.numel()) if int(diff.exclusive_to[j]) == SHARED]
+    expected = sorted(sorted(shared, key=lambda j: -abs(float(diff.relative_norm[j]) - 0.5))[:3])
+    near = exclusive_latent_pages(batchtopk, [a, b], diff, token_ids, positions, tokenizer, tmp_path / "near",
+                                  max_latents=0, n_lopsided=3, k=2)
+    assert near.latents == expected
+    assert "<td>shared</td>" in (near.path / "index.html").read_text()

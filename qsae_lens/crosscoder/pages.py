@@ -57,6 +57,7 @@ def exclusive_latent_pages(
     *,
     latents: Sequence[int] | None = None,
     max_latents: int = 64,
+    n_lopsided: int = 0,
     k: int = 10,
     n_quantiles: int = 5,
     block: int = 4096,
@@ -71,7 +72,9 @@ def exclusive_latent_pages(
     on; ``token_ids: Tensor[n_windows, ctx]`` the cached token windows; ``positions: Tensor[n]``
     int64 the flat position of each activation row in ``token_ids``; ``tokenizer`` decodes the token
     strings. ``latents`` overrides the choice (default: exclusive latents, the most exclusive first,
-    at most ``max_latents``). Memory: one ``Tensor[block, d_sae]`` of codes at a time, plus
+    at most ``max_latents``, plus the ``n_lopsided`` shared live latents whose relative norm is
+    farthest from 0.5: the near-exclusive ones, so a run with no exclusive latent still shows its
+    closest candidates; the index's "exclusive to" column tells them apart). Memory: one ``Tensor[block, d_sae]`` of codes at a time, plus
     ``Tensor[n_positions, len(latents)]`` of per-position contributions for the context shading.
     """
     from qsae_lens.dashboards.pages import Example, LatentPage, PrecisionView, write_feature_pages
@@ -90,6 +93,10 @@ def exclusive_latent_pages(
         excl = (diff.exclusive_to >= 0).nonzero().flatten()
         extremity = (diff.relative_norm[excl] - 0.5).abs()  # the most exclusive first
         latents = excl[extremity.argsort(descending=True)][:max_latents].tolist()
+        if n_lopsided > 0:
+            shared = (diff.exclusive_to == SHARED).nonzero().flatten()
+            off = (diff.relative_norm[shared].detach() - 0.5).abs().nan_to_num(-1.0)
+            latents += shared[off.argsort(descending=True)][:n_lopsided].tolist()
     chosen = torch.tensor(sorted(int(j) for j in latents), dtype=torch.long)
     norms = model.decoder_norms().detach()  # Tensor[d_sae, S] raw units
 

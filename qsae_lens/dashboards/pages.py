@@ -129,7 +129,8 @@ def _view_html(v: PrecisionView, scale: float) -> str:
             + (f", r = {_num(v.pearson)}, Jaccard = {_num(v.jaccard)}" if v.pearson is not None else "")
             + (f"<br>own SAE match: latent {v.matched[0]} (cos {v.matched[1]:.2f})" if v.matched else "") + "</p>")
     lens = ("<p><b>promotes</b> " + ", ".join(f"<code>{html.escape(t)}</code>" for t, _ in v.promoted)
-            + "<br><b>suppresses</b> " + ", ".join(f"<code>{html.escape(t)}</code>" for t, _ in v.suppressed) + "</p>")
+            + "<br><b>suppresses</b> " + ", ".join(f"<code>{html.escape(t)}</code>" for t, _ in v.suppressed) + "</p>"
+            if v.promoted or v.suppressed else "")  # no logit lens given (e.g. pages built from caches alone)
     top = "".join(_example_html(e, scale) for e in v.top) or "<p>no firing</p>"
     qs = "".join(_example_html(e, scale) for e in v.quantiles) or "<p>no firing</p>"
     return (f"<div class='col' data-precision='{html.escape(v.precision)}'>{head}{lens}"

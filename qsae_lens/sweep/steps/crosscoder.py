@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ class CrosscoderCell:
     """Relative decoder norms of the first seed's live latents (histogram)."""
     threshold: float
     null_rate: float
+    pages: str | None = None
+    """Folder of the feature-browser pages of the first seed's exclusive latents (None: no tokenizer)."""
 
     def fraction(self, which: str) -> tuple[float, float, float]:
         """(mean, CI low, CI high) over seeds of ``which`` ("only_baseline", "only_precision",
@@ -109,8 +112,10 @@ def _cache_id(plan: Any, precision: str, split: str, layer: int) -> str:
     return file_sha256(_cache(plan, precision, split, layer) / MANIFEST)
 
 
-def _pair(plan: Any, precision: str, layer: int, split: str, max_norm: float | None) -> list[torch.Tensor]:
-    """[baseline, precision] aligned Tensor[n, d] (rows with a baseline norm above ``max_norm`` dropped)."""
+def _pair(plan: Any, precision: str, layer: int, split: str, max_norm: float | None
+          ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """([baseline, precision] aligned Tensor[n, d], keep) with rows whose baseline norm exceeds
+    ``max_norm`` dropped; ``keep: Tensor[n_loaded]`` bool says which loaded rows stayed (None: all)."""
     from qsae_lens.activations import load_activations
 
     hook = plan.hook_name(layer)
@@ -119,16 +124,43 @@ def _pair(plan: Any, precision: str, layer: int, split: str, max_norm: float | N
     if ref.shape != other.shape:
         raise ValueError(f"the {plan.baseline} and {precision} {split} caches of {hook} are not aligned "
                          f"({tuple(ref.shape)} vs {tuple(other.shape)}): recache them with the same tokens")
+    keep = None
     if max_norm is not None:
         keep = ref.norm(dim=-1) <= max_norm
         ref, other = ref[keep], other[keep]
-    return [ref, other]
+    return [ref, other], keep
+
+
+def _cache_positions(cache: Path, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(token_ids Tensor[n_windows, ctx], positions Tensor[n] int64): the cached token windows and the
+    flat position of each row :func:`load_activations` returns (special tokens dropped as it drops
+    them, then ``keep``). None when the cache has no per-position token ids (other aggregations)."""
+    import datasets
+
+    from qsae_lens.activations import read_cache_info
+
+    info = read_cache_info(cache)
+    ds = datasets.load_from_disk(str(info.path))
+    if info.aggregation != "all" or "token_ids" not in ds.column_names:
+        return None
+    token_ids = ds.with_format("torch", columns=["token_ids"])[:]["token_ids"].long()
+    valid = torch.ones_like(token_ids, dtype=torch.bool)
+    if info.exclude_special_tokens:
+        valid = ~torch.isin(token_ids, torch.tensor(info.special_token_ids, dtype=torch.long))
+    positions = valid.flatten().nonzero().flatten()
+    return token_ids, positions if keep is None else positions[keep]
 
 
 def crosscode(plan: Any, precision: str, layers: list[int], *, max_norms: dict[str, float | None] | None = None,
-              settings: CrosscoderSettings | None = None, progress: bool = False) -> CrosscoderStepResult:
-    """Train (or reuse) and diff the crosscoders of ``precision`` vs the baseline at ``layers``."""
+              settings: CrosscoderSettings | None = None, tokenizer: Any = None,
+              progress: bool = False) -> CrosscoderStepResult:
+    """Train (or reuse) and diff the crosscoders of ``precision`` vs the baseline at ``layers``.
+
+    With a ``tokenizer``, the first seed's exclusive latents also get feature-browser pages
+    (``SWEEP_DIR/crosscoder/<precision>/layer<L>/pages/index.html``: top and quantile examples of
+    each latent's contribution to each source on the eval caches' tokens)."""
     from qsae_lens.crosscoder import CrossCoder, calibrate_threshold, diff_latents, explained_variance
+    from qsae_lens.crosscoder.pages import exclusive_latent_pages
     from qsae_lens.crosscoder.train import train_crosscoder
     from qsae_lens.sweep.reuse import run_or_reuse
 
@@ -145,8 +177,8 @@ def crosscode(plan: Any, precision: str, layers: list[int], *, max_norms: dict[s
     for layer in layers:
         hook = plan.hook_name(layer)
         max_norm = (max_norms or {}).get(hook)
-        train = _pair(plan, precision, layer, "train", max_norm)
-        evals = _pair(plan, precision, layer, "eval", max_norm)
+        train, _ = _pair(plan, precision, layer, "train", max_norm)
+        evals, eval_keep = _pair(plan, precision, layer, "eval", max_norm)
         base_inputs = {"settings": asdict(settings), "hook": hook, "max_norm": max_norm,
                        "baseline_train": _cache_id(plan, plan.baseline, "train", layer)}
         null_dir = root / "null" / f"layer{layer}"
@@ -171,6 +203,13 @@ def crosscode(plan: Any, precision: str, layers: list[int], *, max_norms: dict[s
             cell.explained_variance.append([float(v) for v in explained_variance(cc, evals)])
             if not cell.relative_norms:
                 cell.relative_norms = [float(v) for v in diff.relative_norm[diff.exclusive_to != -2]]
+                located = _cache_positions(_cache(plan, plan.baseline, "eval", layer), eval_keep)
+                if tokenizer is not None and located is not None:
+                    pages_dir = root / precision / f"layer{layer}" / "pages"
+                    exclusive_latent_pages(cc, evals, diff, located[0], located[1], tokenizer, pages_dir,
+                                           n_lopsided=16, note=f"{hook}, seed {seed}, eval caches of the sweep; "
+                                           "also the 16 shared latents nearest to exclusive.")
+                    cell.pages = str(pages_dir.relative_to(plan.out_dir))
         result.cells[f"{precision}/L{layer}"] = cell
     return result
 
@@ -181,7 +220,8 @@ def run_step(plan: Any, core: Any) -> CrosscoderStepResult:
     for p in plan.precision_names:
         if p == plan.baseline:
             continue
-        res = crosscode(plan, p, list(plan.layers), max_norms=getattr(core, "max_norms", None))
+        res = crosscode(plan, p, list(plan.layers), max_norms=getattr(core, "max_norms", None),
+                        tokenizer=getattr(core, "tokenizer", None))
         if merged is None:
             merged = res
         else:
@@ -215,8 +255,14 @@ def report_section(result: CrosscoderStepResult) -> ReportSection:
             "its relative norm is within the cut of 0 or 1; the cut is calibrated on a crosscoder of the baseline "
             "given twice. Latent Scaling flags exclusive latents the other model's activations still need. "
             "The default model's fp32 is dequantized Q4_1.")
+    pages = {key: c.pages for key, c in result.cells.items() if c.pages}
     md = note + "\n\n" + markdown_table(header, rows)
     html = f"<p>{note}</p>" + html_table(header, rows) + (figure_html(fig) if result.cells else "")
+    if pages:  # paths relative to the sweep folder, where the sweep report lives
+        md += "\n\nFeature pages of the exclusive latents: " + ", ".join(
+            f"[{key}]({path}/index.html)" for key, path in pages.items())
+        html += "<p>Feature pages of the exclusive latents: " + ", ".join(
+            f"<a href='{escape(path)}/index.html'>{escape(key)}</a>" for key, path in pages.items()) + "</p>"
     return ReportSection(key=NAME, title="Crosscoder model diffing", order=46, data=data, markdown=md, html=html)
 
 
@@ -280,8 +326,16 @@ def run_crosscode_command(args: argparse.Namespace) -> int:
         layers = list(plan.layers)
     settings = CrosscoderSettings(d_sae=args.d_sae, k=args.k, steps=args.steps, batch_size=args.batch_size,
                                   lr=args.lr, all_seeds=args.all_seeds)
+    tokenizer = None
+    if plan.model_path and Path(plan.model_path).exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(plan.model_path)
+    else:
+        print(f"note: the sweep's model_path {plan.model_path!r} is not a local folder: no feature pages written",
+              file=sys.stderr)
     result = crosscode(plan, args.precision, layers, max_norms=_max_norms(plan, layers), settings=settings,
-                       progress=sys.stderr.isatty())
+                       tokenizer=tokenizer, progress=sys.stderr.isatty())
     section = report_section(result)
     from qsae_lens._io import atomic_write_json, atomic_write_text
 
