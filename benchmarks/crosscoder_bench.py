@@ -11,12 +11,14 @@ rule) are dropped from both sources.
 
     python benchmarks/crosscoder_bench.py --caches /tmp/qsae_xc/fp32/train /tmp/qsae_xc/nf4/train \
         --eval-caches /tmp/qsae_xc/fp32/eval /tmp/qsae_xc/nf4/eval --hook blocks.16.hook_resid_post \
-        --d-sae 1024 --steps 300
+        --d-sae 1024 --steps 300 --repeats 3 --dense
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 
 import torch
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (ratios per repeat, then the median)")
+    parser.add_argument("--dense", action="store_true", help="also time the dense-decode reference crosscoder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -68,24 +72,48 @@ def main() -> None:
         sources = _sources(args)
     d = sources[0].shape[1]
     tokens = args.steps * args.batch_size
-    t0, c0 = time.perf_counter(), time.process_time()
-    cc = train_crosscoder(sources, d_sae=args.d_sae, k=args.k, steps=args.steps, batch_size=args.batch_size)
-    t_cc, c_cc = time.perf_counter() - t0, time.process_time() - c0
-    t_saes, c_saes, saes = [], [], []
-    for i, x in enumerate(sources):
-        cfg = OpenAITopKTrainingSAEConfig(d_in=d, d_sae=args.d_sae, k=args.k, init_seed=i,
-                                          dead_tokens_threshold=max(args.batch_size, tokens // 4))
+
+    def timed(fn):  # (result, wall s, cpu s of this process)
         t0, c0 = time.perf_counter(), time.process_time()
-        fit = train_sae_on_activations(cfg, x, total_tokens=tokens, batch_size=args.batch_size, lr=2e-3, data_seed=i)
-        t_saes.append(time.perf_counter() - t0)
-        c_saes.append(time.process_time() - c0)
-        saes.append(fit.sae)
+        out = fn()
+        return out, time.perf_counter() - t0, time.process_time() - c0
+
     print(f"rows {sources[0].shape[0]}, d {d}, d_sae {args.d_sae}, k {args.k}, {args.steps} steps x {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
-    # CPU time of this process beside wall time: on a shared machine the wall-time ratio moves with others' load
-    print(f"crosscoder: wall {t_cc:.1f} s, cpu {c_cc:.1f} s; SAEs: wall {t_saes[0]:.1f} + {t_saes[1]:.1f} = "
-          f"{sum(t_saes):.1f} s, cpu {c_saes[0]:.1f} + {c_saes[1]:.1f} = {sum(c_saes):.1f} s")
-    print(f"ratio crosscoder / two SAEs = {t_cc / sum(t_saes):.2f} wall, {c_cc / sum(c_saes):.2f} cpu (target <= 1.3)")
+          f"torch threads {torch.get_num_threads()}, {args.repeats} interleaved repeats", flush=True)
+    ratios: dict[str, list[float]] = {"sparse wall": [], "sparse cpu": [], "dense wall": [], "dense cpu": []}
+    # interleaved repeats (crosscoder sparse, crosscoder dense, SAE a, SAE b, again): on a machine
+    # shared with other jobs, load drifts over minutes, so each repeat's ratio compares runs that
+    # saw about the same load; CPU time of the process is printed beside wall time
+    for rep in range(args.repeats):
+        cc, w_cc, c_cc = timed(lambda: train_crosscoder(sources, d_sae=args.d_sae, k=args.k, steps=args.steps,
+                                                         batch_size=args.batch_size))
+        w_dn = c_dn = float("nan")
+        if args.dense:
+            _, w_dn, c_dn = timed(lambda: train_crosscoder(sources, d_sae=args.d_sae, k=args.k, steps=args.steps,
+                                                            batch_size=args.batch_size, sparse_decode=False))
+        t_saes, c_saes, saes = [], [], []
+        for i, x in enumerate(sources):
+            cfg = OpenAITopKTrainingSAEConfig(d_in=d, d_sae=args.d_sae, k=args.k, init_seed=i,
+                                              dead_tokens_threshold=max(args.batch_size, tokens // 4))
+            fit, w, c = timed(lambda cfg=cfg, x=x, i=i: train_sae_on_activations(
+                cfg, x, total_tokens=tokens, batch_size=args.batch_size, lr=2e-3, data_seed=i))
+            t_saes.append(w)
+            c_saes.append(c)
+            saes.append(fit.sae)
+        ratios["sparse wall"].append(w_cc / sum(t_saes))
+        ratios["sparse cpu"].append(c_cc / sum(c_saes))
+        ratios["dense wall"].append(w_dn / sum(t_saes))
+        ratios["dense cpu"].append(c_dn / sum(c_saes))
+        print(f"repeat {rep}: crosscoder sparse wall {w_cc:.1f} s cpu {c_cc:.1f} s; dense wall {w_dn:.1f} s cpu {c_dn:.1f} s; "
+              f"SAEs wall {t_saes[0]:.1f} + {t_saes[1]:.1f} s, cpu {c_saes[0]:.1f} + {c_saes[1]:.1f} s; "
+              f"ratio sparse {ratios['sparse wall'][-1]:.2f} wall / {ratios['sparse cpu'][-1]:.2f} cpu, "
+              f"dense {ratios['dense wall'][-1]:.2f} wall / {ratios['dense cpu'][-1]:.2f} cpu; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    for name, vals in ratios.items():
+        if not any(v == v for v in vals):
+            continue
+        print(f"ratio crosscoder ({name}) / two SAEs: median {statistics.median(vals):.2f}, "
+              f"min {min(vals):.2f}, max {max(vals):.2f} (target <= 1.3)")
     if args.eval_caches:
         from qsae_lens.crosscoder import explained_variance
 
