@@ -21,7 +21,7 @@ SWEEP_BAD = [
     (["--layers", "a,b"], "--layers takes"),
     (["--d-sae", "0"], "d-sae must be a positive integer"),
     (["--k", "-1"], "1 <= k < d_sae"),
-    (["--k", "2048"], "1 <= k < d_sae=2048"),
+    (["--d-sae", "64", "--k", "64"], "1 <= k < d_sae=64"),  # not the default d_sae, which may change
     (["--train-tokens", "0"], "train-tokens must be a positive integer"),
     (["--eval-windows", "0"], "eval-windows must be a positive integer"),
     (["--architecture", "foo"], "Unknown architecture 'foo'"),
