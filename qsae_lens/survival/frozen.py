@@ -27,7 +27,8 @@ Fractions of ``survived``/``blurred``/``died`` are over latents alive in the ref
 bootstrap over ``n_windows`` contiguous token windows (the token stream cut into equal parts):
 per-window sufficient statistics are kept (``Tensor[n_windows, d_sae, 10]`` float64), a replicate
 reweights the windows by a multinomial draw and classifies again, so the CI is exact for every
-metric the statuses use (``topk_overlap`` is not re-drawn: it is a full-data descriptor).
+metric the statuses use (``topk_overlap`` is not re-drawn: it is a full-data descriptor); the
+percentile interval is shifted by the replicates' estimated bias (see ``feature_survival``).
 
 Memory: codes are computed ``block`` rows at a time with ``block * d_sae <= 2**25`` by default
 (128 MiB float32 per code block; ~8 such temporaries at peak), plus the per-window statistics
@@ -352,8 +353,15 @@ def feature_survival(
     point = _fractions(code)
     if reps:
         rep = torch.stack(reps)
-        lo = torch.nanquantile(rep, 0.025, dim=0)
-        hi = torch.nanquantile(rep, 0.975, dim=0)
+        # Classifying by thresholds makes the replicate fractions biased: a replicate with duplicated
+        # windows has fewer distinct tokens, so rare latents correlate worse and fall below the
+        # survival threshold more often (measured on the default sweep: int8 survived 0.996 against a
+        # plain percentile interval [0.974, 0.994] that excluded it). So the percentile interval is
+        # shifted by the bootstrap's estimate of that bias (mean of the replicates - the estimate;
+        # Efron & Tibshirani 1993, ch. 10), then clipped to [0, 1].
+        bias = torch.nanmean(rep, dim=0) - point
+        lo = (torch.nanquantile(rep, 0.025, dim=0) - bias).clamp(0.0, 1.0)
+        hi = (torch.nanquantile(rep, 0.975, dim=0) - bias).clamp(0.0, 1.0)
     else:
         lo = hi = torch.full_like(point, math.nan)
     fractions = {s: Fraction(float(point[i]), float(lo[i]), float(hi[i])) for i, s in enumerate(STATUSES)}
