@@ -2,8 +2,9 @@
 every fake-quantized family under the wrapper, RTN's cost falling with bits, GPTQ/AWQ beating RTN.
 
 Budget: one fp32 load of the default model (the fake-quantized families rewrite its decoder
-weights in place and restore them), plus one ``load_model`` for the end-to-end path; GPTQ/AWQ
-weights come from the qsae_lens cache after their first computation.
+weights in place and restore them), plus one ``load_model`` for the end-to-end path. The GPTQ/AWQ
+held-out CE test is ``slow`` (calibration from scratch on a fresh machine); their weights come from
+the qsae_lens cache after the first computation.
 """
 
 from __future__ import annotations
@@ -126,8 +127,7 @@ def heldout(fp32_model) -> torch.Tensor:
     return torch.tensor(splits["test"]["input_ids"], dtype=torch.long)
 
 
-@pytest.fixture(scope="module")
-def quantized_ce(fp32_model, heldout, smollm2_path):
+def _held_out_ce(fp32_model, heldout, smollm2_path, names: list[str]) -> dict[str, tuple[float, list[str]]]:
     """name -> (held-out CE, names of hooks that fired), quantizing the shared fp32 model in place."""
     from transformers import AutoTokenizer
 
@@ -141,7 +141,6 @@ def quantized_ce(fp32_model, heldout, smollm2_path):
         smollm2_path, weights_sha256(sorted(smollm2_path.glob("*.safetensors"))), "cpu", AutoTokenizer.from_pretrained(smollm2_path)
     )
     out = {}
-    names = ["fp32", "rtn-w8", "rtn-w5", "rtn-w4", "rtn-w3", "rtn-w4-g64-asym", "gguf-q8_0", "gguf-q4_0", "gptq-w4", "awq-w4"]
     for name in names:
         prec = parse_precision(name)
         if name != "fp32":
@@ -153,6 +152,13 @@ def quantized_ce(fp32_model, heldout, smollm2_path):
             for n, m in linears.items():
                 m.weight.copy_(original[n])
     return out
+
+
+@pytest.fixture(scope="module")
+def quantized_ce(fp32_model, heldout, smollm2_path):
+    """The uncalibrated families (no calibration pass: cheap on a fresh machine)."""
+    names = ["fp32", "rtn-w8", "rtn-w5", "rtn-w4", "rtn-w3", "rtn-w4-g64-asym", "gguf-q8_0", "gguf-q4_0"]
+    return _held_out_ce(fp32_model, heldout, smollm2_path, names)
 
 
 def test_every_fake_quantized_family_runs_under_the_wrapper(quantized_ce, fp32_model) -> None:
@@ -169,11 +175,20 @@ def test_rtn_cost_falls_as_bits_rise(quantized_ce) -> None:
     assert cost[5] < cost[4] < cost[3], cost
 
 
-def test_calibrated_methods_beat_rtn_at_4_bits(quantized_ce) -> None:
-    """The published property of GPTQ and AWQ: lower held-out CE than RTN at the same width and grouping."""
-    rtn = quantized_ce["rtn-w4"][0]
-    assert quantized_ce["gptq-w4"][0] < rtn, quantized_ce
-    assert quantized_ce["awq-w4"][0] < rtn, quantized_ce
+@pytest.mark.slow
+def test_calibrated_methods_beat_rtn_at_4_bits(fp32_model, heldout, smollm2_path) -> None:
+    """The published property of GPTQ and AWQ: lower held-out CE than RTN at the same width and grouping.
+
+    Slow: on a fresh machine (empty qsae_lens cache) GPTQ's and AWQ's calibration passes over the
+    default model take minutes (300+ s measured under load); later runs read the cached weights. The
+    default suite keeps the property on planted problems (``test_gptq_reduces_to_rtn_...``,
+    ``test_awq_never_worse_...``)."""
+    ce = _held_out_ce(fp32_model, heldout, smollm2_path, ["rtn-w4", "gptq-w4", "awq-w4"])
+    expected = sorted(f"blocks.{i}.hook_resid_post" for i in range(fp32_model.cfg.n_layers))
+    assert all(np.isfinite(loss) and hooks == expected for loss, hooks in ce.values()), ce
+    rtn = ce["rtn-w4"][0]
+    assert ce["gptq-w4"][0] < rtn, ce
+    assert ce["awq-w4"][0] < rtn, ce
 
 
 def test_load_model_applies_gguf_as_gguf_would(smollm2_path, fp32_model) -> None:
