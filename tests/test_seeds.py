@@ -79,7 +79,7 @@ def test_p_value_floor_text():
     assert format_p_value(0.05, 0, exact_count=20) == "<= 1/20"
 
 
-@pytest.mark.parametrize("n_seeds", [8, 4])
+@pytest.mark.parametrize("n_seeds", [8, pytest.param(4, marks=pytest.mark.slow)])
 def test_ci_coverage_with_a_known_effect(n_seeds):
     """95% seed-bootstrap intervals cover the true effect (-0.05) 93-97% of the time over 1000 simulated
     designs with seed-level and latent-level noise (measured 0.960 at 8 + 8 seeds, 0.951 at 4 + 4; the former
