@@ -137,7 +137,7 @@ def report_section(result: SeedsStepResult) -> ReportSection:
         md = first + "\n\n" + "\n".join(f"- {x}" for x in bar_lines)
         html = f"<p><strong>{first}</strong></p><ul>" + "".join(f"<li>{x}</li>" for x in bar_lines) + "</ul>"
         return ReportSection(key=NAME, title="Headline", order=0, data=data, markdown=md, html=html)
-    header = ["precision", "metric", "value", "ceiling (baseline seed pairs)", "effect", "95% CI (seeds, then latents)",
+    header = ["precision", "metric", "value", "ceiling (baseline seed pairs)", "effect", "95% CI (seed bootstrap)",
               "p (one-sided, effect < 0)", "pairs"]
     rows = []
     for p, per_metric in result.effects.items():
@@ -150,7 +150,7 @@ def report_section(result: SeedsStepResult) -> ReportSection:
     intro = (f"Each precision's SAEs against the {result.baseline} SAEs of other seeds, beside the seed-to-seed "
              "ceiling (every pair of baseline seeds). Effect = mean over (baseline seed, precision seed) pairs "
              "with different seeds minus the mean over baseline seed pairs; its CI resamples seeds (both sides, "
-             "with replacement), then latents within each pair; p is one-sided (effect < 0) from a permutation "
+             "with replacement) with each pair's mean over latents as the unit; p is one-sided (effect < 0) from a permutation "
              "test exchanging precision labels across seeds, and at its floor reads '<= 1/N' (N relabelings): "
              "with 3 seeds per precision it cannot go below 1/20. The embedded model's fp32 is dequantized Q4_1.")
     md = (intro + "\n\n" + "\n".join(f"- {x}" for x in bar_lines) + "\n\n" + markdown_table(header, rows)
