@@ -378,44 +378,17 @@ def cache_activations(
     module docstring for its format, resumption and atomicity. A finished cache with the same
     settings is returned as is.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}.")
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be 'float32' or 'float16' (arrow has no bfloat16), got {dtype!r}.")
-    if batch_size < 1 or (batches_per_shard is not None and batches_per_shard < 1):
-        raise ValueError("batch_size and batches_per_shard must be positive.")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
-        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens}.")
-    hooks = [hook_names] if isinstance(hook_names, str) else list(dict.fromkeys(hook_names))
-    if not hooks:
-        raise ValueError("hook_names is empty: name at least one hook, e.g. 'blocks.0.hook_resid_post'.")
-    valid = _model_hook_names(model)
-    for h in hooks:
-        _check_hook(h, valid, type(model).__name__)
-    if "token_ids" in hooks:
-        raise ValueError("'token_ids' is reserved for the token column.")
+    _check_cache_arguments(aggregation, dtype, batch_size, batches_per_shard, max_tokens)
+    hooks = _checked_hooks(model, hook_names)
     stop = stop_at_layer_for(hooks) if stop_at_layer == "auto" else stop_at_layer
-    tokenizer = getattr(model, "tokenizer", None)
-    specials = special_token_ids(tokenizer) if (exclude_special_tokens and tokenizer is not None) else []
-    if exclude_special_tokens and tokenizer is None:
-        raise ValueError("exclude_special_tokens=True needs model.tokenizer to know the special tokens.")
-
+    specials = _excluded_token_ids(model, exclude_special_tokens)
     source, column = _tokens_source(dataset)
-    n_total = len(source)
-    if n_total == 0:
-        raise ValueError("The dataset holds no windows: nothing to cache.")
-    ctx = _token_rows(source, column, 0, 1).shape[1]
-    if max_tokens is not None and max_tokens < ctx:
-        raise ValueError(
-            f"max_tokens={max_tokens} is less than one window of {ctx} tokens: nothing would be cached "
-            f"(raise max_tokens to at least {ctx}, or use shorter windows)."
-        )
-    n_windows = n_total if max_tokens is None else min(n_total, max_tokens // ctx)
+    n_windows, ctx = _windows_to_cache(source, column, max_tokens)
     model_cfg = getattr(model, "cfg", None)
-    if batches_per_shard is None:
-        d_model = int(getattr(model_cfg, "d_model", 1024))
+    if batches_per_shard is None:  # as many batches as fit in about shard_megabytes
         rows = ctx if aggregation == "all" else 1
-        batch_bytes = batch_size * rows * len(hooks) * d_model * (4 if dtype == "float32" else 2)
+        batch_bytes = batch_size * rows * len(hooks) * int(getattr(model_cfg, "d_model", 1024)) * (
+            4 if dtype == "float32" else 2)
         batches_per_shard = max(1, (shard_megabytes << 20) // batch_bytes)
     signature = _run_signature(
         hook_names=hooks,
@@ -434,30 +407,9 @@ def cache_activations(
     )
 
     out = Path(out_dir)
-    partial = out.with_name(out.name + ".partial")
-    if (out / MANIFEST).exists():
-        done_sig = json.loads((out / MANIFEST).read_text()).get("run")
-        if done_sig == signature:
-            return out
-        raise FileExistsError(
-            f"{out} already holds a finished activation cache made with different settings. "
-            "Delete it or choose another out_dir."
-        )
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not an activation cache; choose an empty or new out_dir.")
-    partial.mkdir(parents=True, exist_ok=True)
-    if (partial / _RUN).exists():
-        if json.loads((partial / _RUN).read_text()) != signature:
-            raise FileExistsError(
-                f"{partial} holds an unfinished cache made with different settings (model, tokens, hooks, "
-                "aggregation or batching). Resume it with the same arguments, or delete it to start over."
-            )
-    else:
-        atomic_write_text(partial / _RUN, json.dumps(signature, indent=2))
-    for stale in partial.glob(".tmp-*"):  # leftovers of a write that was interrupted
-        stale.unlink()
-    remove_stale_temporaries(partial)
-
+    partial = _open_partial(out, signature)
+    if partial is None:  # finished earlier with the same settings
+        return out
     n_batches = math.ceil(n_windows / batch_size)
     n_shards = math.ceil(n_batches / batches_per_shard)
     todo = [s for s in range(n_shards) if not (partial / f"data-{s:05d}.arrow").exists()]
@@ -482,6 +434,87 @@ def cache_activations(
         bar.close()
     _finalize(partial, out, signature, n_shards)
     return out
+
+
+
+def _checked_hooks(model: Any, hook_names: str | Sequence[str]) -> list[str]:
+    """The requested hooks, deduplicated in order, each checked against the model's hook points."""
+    hooks = [hook_names] if isinstance(hook_names, str) else list(dict.fromkeys(hook_names))
+    if not hooks:
+        raise ValueError("hook_names is empty: name at least one hook, e.g. 'blocks.0.hook_resid_post'.")
+    valid = _model_hook_names(model)
+    for h in hooks:
+        _check_hook(h, valid, type(model).__name__)
+    if "token_ids" in hooks:
+        raise ValueError("'token_ids' is reserved for the token column.")
+    return hooks
+
+
+def _excluded_token_ids(model: Any, exclude_special_tokens: bool) -> list[int]:
+    """Token ids whose positions are not cached (the tokenizer's special tokens), or [] when keeping all."""
+    if not exclude_special_tokens:
+        return []
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("exclude_special_tokens=True needs model.tokenizer to know the special tokens.")
+    return special_token_ids(tokenizer)
+
+def _check_cache_arguments(aggregation: str, dtype: str, batch_size: int, batches_per_shard: int | None,
+                           max_tokens: int | None) -> None:
+    """The argument checks of :func:`cache_activations` that need no model or data."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}.")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16' (arrow has no bfloat16), got {dtype!r}.")
+    if batch_size < 1 or (batches_per_shard is not None and batches_per_shard < 1):
+        raise ValueError("batch_size and batches_per_shard must be positive.")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens}.")
+
+
+def _windows_to_cache(source: Any, column: str | None, max_tokens: int | None) -> tuple[int, int]:
+    """``(windows to cache, window length)``; refuses an empty dataset or a cap below one window."""
+    n_total = len(source)
+    if n_total == 0:
+        raise ValueError("The dataset holds no windows: nothing to cache.")
+    ctx = _token_rows(source, column, 0, 1).shape[1]
+    if max_tokens is not None and max_tokens < ctx:
+        raise ValueError(
+            f"max_tokens={max_tokens} is less than one window of {ctx} tokens: nothing would be cached "
+            f"(raise max_tokens to at least {ctx}, or use shorter windows)."
+        )
+    return (n_total if max_tokens is None else min(n_total, max_tokens // ctx)), ctx
+
+
+def _open_partial(out: Path, signature: dict[str, Any]) -> Path | None:
+    """The ``.partial`` folder to (re)fill for ``signature``, or None when ``out`` is already finished with it.
+
+    Refuses a finished cache or an unfinished one made with other settings, and a non-cache folder.
+    """
+    partial = out.with_name(out.name + ".partial")
+    if (out / MANIFEST).exists():
+        done_sig = json.loads((out / MANIFEST).read_text()).get("run")
+        if done_sig == signature:
+            return None
+        raise FileExistsError(
+            f"{out} already holds a finished activation cache made with different settings. "
+            "Delete it or choose another out_dir."
+        )
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not an activation cache; choose an empty or new out_dir.")
+    partial.mkdir(parents=True, exist_ok=True)
+    if (partial / _RUN).exists():
+        if json.loads((partial / _RUN).read_text()) != signature:
+            raise FileExistsError(
+                f"{partial} holds an unfinished cache made with different settings (model, tokens, hooks, "
+                "aggregation or batching). Resume it with the same arguments, or delete it to start over."
+            )
+    else:
+        atomic_write_text(partial / _RUN, json.dumps(signature, indent=2))
+    for stale in partial.glob(".tmp-*"):  # leftovers of a write that was interrupted
+        stale.unlink()
+    remove_stale_temporaries(partial)
+    return partial
 
 
 @torch.inference_mode()
