@@ -33,6 +33,7 @@ TINY = dict(
     n_bootstrap=20,
     n_permutations=20,
     saelens_evals=False,
+    analyses=("seeds",),  # the headline; every other analysis has its own end-to-end test (slow)
 )
 
 
@@ -74,7 +75,9 @@ def test_added_layers_are_found_in_their_own_cache_group(tmp_path):
 
 
 def test_every_seed_pair_is_compared(tmp_path):
-    """3 seeds, 3 precisions: 3 ceiling pairs, 9 pairs per non-baseline precision (3 same-seed), one floor."""
+    """3 seeds, 3 precisions: 3 ceiling pairs, one floor, and per non-baseline precision each seed against
+    another baseline seed (every seed of both sides exactly once) plus the first seed's same-seed pair.
+    (The seed-level statistics over all 9 cross pairs come from the seeds analysis, tested in test_seeds.py.)"""
     from collections import Counter
 
     from qsae_lens.sweep import SweepConfig, plan_sweep
@@ -82,7 +85,11 @@ def test_every_seed_pair_is_compared(tmp_path):
 
     plan = plan_sweep(SweepConfig(**{**TINY, "precisions": ("fp32", "int8", "nf4"), "seeds": (2, 0, 1)}), tmp_path)
     pairs = comparison_pairs(plan)
-    assert Counter(p.kind for p in pairs) == {"ceiling": 3, "floor": 1, "same_seed": 6, "different_seed": 12}
+    assert Counter(p.kind for p in pairs) == {"ceiling": 3, "floor": 1, "same_seed": 2, "different_seed": 6}
+    for prec in ("int8", "nf4"):
+        diff = [(p.a.seed, p.b.seed) for p in pairs if p.kind == "different_seed" and p.a.precision == prec]
+        assert sorted(a for a, _ in diff) == [0, 1, 2] and sorted(b for _, b in diff) == [0, 1, 2]
+        assert all(a != b for a, b in diff)
     assert len({p.name for p in pairs}) == len(pairs)
     assert all(p.b.precision == "fp32" for p in pairs)
     assert {(p.a.seed, p.b.seed) for p in pairs if p.kind == "ceiling"} == {(1, 0), (2, 0), (2, 1)}
@@ -119,7 +126,8 @@ def test_comparisons_are_keyed_by_the_saes_they_compared(sweep):
     plan = _plan(out)
     pairs = comparison_pairs(plan)
     kinds = sorted(p.kind for p in pairs)
-    assert kinds == ["ceiling", "different_seed", "different_seed", "floor", "same_seed", "same_seed"]
+    # 2 seeds: one ceiling pair, the floor, nf4 s0 vs fp32 s1 and s1 vs s0 (cyclic), nf4 s0 vs fp32 s0
+    assert kinds == ["ceiling", "different_seed", "different_seed", "floor", "same_seed"]
     for pair in pairs:
         inputs = json.loads((out / "compare" / pair.name / "_done.json").read_text())["inputs"]
         assert inputs["b"]["cell"] == pair.b.label

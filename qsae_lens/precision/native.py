@@ -87,12 +87,13 @@ class TorchAOFamily(MethodFamily):
         )
 
     def check_runs_on(self, spec: MethodSpec, device: torch.device) -> None:
-        _require(spec, "torchao")
+        # the device first: installing torchao would not make int4 run on a CPU
         if spec.bits == 4 and device.type != "cuda":
             raise RuntimeError(
                 f"Precision {spec.name!r}: torchao's int4 weight-only layouts need CUDA; on CPU torchao 0.18 "
                 "leaves the weights unquantized. Use torchao-int8wo, rtn-w4 or nf4 on CPU."
             )
+        _require(spec, "torchao")
 
     def after_load(self, model: torch.nn.Module, spec: MethodSpec, ctx: QuantContext) -> dict[str, Any]:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_

@@ -8,7 +8,7 @@
 * :func:`sparse_probe` — Gurnee et al. (2023) / SAEBench: the k latents with the largest class-mean
   difference, chosen on each training fold only, then probed on the held-out fold.
 
-scikit-learn is the ``analysis`` extra (``pip install 'qsae-lens[analysis]'``), imported when used.
+scikit-learn is a core dependency, imported when used.
 Memory: a probe holds the features once plus one standardised fold copy (``n x d`` float32 each);
 latent scores are one ``classes x d`` matrix product.
 """
@@ -33,7 +33,7 @@ def _sklearn() -> Any:
     try:
         import sklearn  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("Probing needs scikit-learn: pip install 'qsae-lens[analysis]'.") from err
+        raise ImportError("Probing needs scikit-learn: pip install scikit-learn (a qsae-lens dependency).") from err
     import sklearn.linear_model
     import sklearn.model_selection
     import sklearn.pipeline

@@ -59,7 +59,7 @@ def _sklearn() -> Any:
     try:
         import sklearn  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the survival predictor needs scikit-learn: pip install 'qsae-lens[analysis]'") from e
+        raise ImportError("the survival predictor needs scikit-learn: pip install scikit-learn (a qsae-lens dependency)") from e
     return sklearn
 
 
