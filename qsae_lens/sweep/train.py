@@ -106,6 +106,7 @@ def train_cell(job: CellJob) -> dict[str, Any]:
     from qsae_lens.training.common import WandbSettings
     from qsae_lens.training.fit import train_sae_on_activations
 
+    threads_before = torch.get_num_threads()
     if job.threads is not None:
         torch.set_num_threads(job.threads)
 
@@ -130,7 +131,10 @@ def train_cell(job: CellJob) -> dict[str, Any]:
 
         atomic_write_json(tmp / TRAIN_STATS, stats)
 
-    computed = run_or_reuse(job.folder, job.inputs, compute)
+    try:
+        computed = run_or_reuse(job.folder, job.inputs, compute)
+    finally:  # a serial job runs in the caller's process: leave its thread count as it was
+        torch.set_num_threads(threads_before)
     return {"computed": computed, "stats": json.loads((Path(job.folder) / TRAIN_STATS).read_text())}
 
 
