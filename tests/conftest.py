@@ -20,3 +20,12 @@ def smollm2_path() -> Path:
     from qsae_lens.assets import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread is faster than two contended ones on the shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

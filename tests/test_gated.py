@@ -11,7 +11,6 @@ this count (57/64 vs 63/64, explained variance 0.920 vs 0.917), so the test trai
 
 from __future__ import annotations
 
-import pytest
 import torch
 from test_training import BATCH, K_TRUE, D, _synthetic_batches, _trainer_cfg, _true_features
 
@@ -34,13 +33,6 @@ def _train(sae: torch.nn.Module, features: torch.Tensor) -> tuple[int, float]:
         ev = 1 - float((x - sae.decode(sae.encode(x))).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     return _recovered(sae.W_dec, features), ev
 
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_registered_gated_recovers_at_least_as_many_planted_directions_as_saelens(one_thread):

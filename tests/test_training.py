@@ -28,14 +28,6 @@ PRECISION_META = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: one thread is faster than two contended ones on the shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _trainer_cfg(n_steps: int, batch: int, lr: float, **kw):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
