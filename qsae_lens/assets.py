@@ -17,7 +17,6 @@ never leaves a half-file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 from qsae_lens._io import TMP_SUFFIX, atomic_dir, atomic_write_text
+from qsae_lens._io import file_sha256 as sha256_file
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 #: Where, under the cache, the converted default model lives.
@@ -93,15 +93,6 @@ def find_cached(relative: str | os.PathLike[str]) -> Path | None:
         if (root / relative).exists():
             return root / relative
     return None
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _log(message: str) -> None:

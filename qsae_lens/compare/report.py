@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from qsae_lens._io import atomic_write_text
 
 SCHEMA_VERSION = "1.0"
 
@@ -141,7 +142,7 @@ class ComparisonReport:
         """The JSON text of ``to_dict()``; written atomically to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
         if path is not None:
-            _atomic_write_text(Path(path), text + "\n")
+            atomic_write_text(Path(path), text + "\n")
         return text
 
     # ---- presentation ----------------------------------------------------------------------------
@@ -233,8 +234,8 @@ class ComparisonReport:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.to_json(folder / "report.json")
-        _atomic_write_text(folder / "report.md", self.to_markdown() + "\n")
-        _atomic_write_text(folder / "report.html", self.to_html())
+        atomic_write_text(folder / "report.md", self.to_markdown() + "\n")
+        atomic_write_text(folder / "report.html", self.to_html())
         return folder
 
     def __repr__(self) -> str:
@@ -333,16 +334,3 @@ def _quantile_keys(distributions: dict[str, Any]) -> list[str]:
     return []
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``,
-    so that a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

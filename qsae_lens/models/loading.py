@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qsae_lens.assets import cache_dir, gguf_to_hf_folder, sha256_file
+from qsae_lens._io import atomic_write_json
+from qsae_lens._io import file_sha256 as sha256_file
+from qsae_lens.assets import cache_dir, gguf_to_hf_folder
 from qsae_lens.models.architectures import adapter_for
 from qsae_lens.precision import Precision, QuantContext, check_precision_runs_on, parse_precision
 
@@ -82,10 +83,7 @@ def weights_sha256(files: list[Path]) -> str:
             index[key], changed = entry, True
         digests.append((f.name, entry["sha256"]))
     if changed:
-        fd, tmp = tempfile.mkstemp(dir=index_path.parent, prefix=".weights_sha256.")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(index, fh, indent=1)
-        os.replace(tmp, index_path)
+        atomic_write_json(index_path, index, indent=1)
     if len(digests) == 1:
         return digests[0][1]
     import hashlib
