@@ -1,9 +1,12 @@
 """Generation speed: HookedQuantizedLM.generate (no hooks, with a steering hook) vs raw HF generate.
 
-Greedy, batch 1, fixed number of new tokens (EOS ignored), median of --repeats runs after a warm-up,
-at each precision. Overhead = 1 - ours/HF tokens per second. Run with ``nice``:
+Greedy, batch 1, fixed number of new tokens (EOS ignored), at each precision. The three variants run
+interleaved (HF, ours, ours+hook, HF, ours, ...) for --repeats rounds after one warm-up round, so slow
+drift in the machine's load hits all three alike; each variant's time is the median over rounds, and
+the overhead's spread is the interquartile range of the per-round ratios. Overhead = 1 - ours/HF tokens
+per second. On an idle machine:
 
-    nice python benchmarks/generate_bench.py --precisions fp32 nf4 --new-tokens 32 --repeats 3
+    python benchmarks/generate_bench.py --precisions fp32 nf4 --new-tokens 32 --repeats 9
 
 The numbers in docs/interventions.md came from that command.
 """
@@ -18,14 +21,23 @@ import time
 import torch
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
+def _time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, run round-robin: one warm-up round, then ``repeats`` rounds."""
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if round_:
+                runs[name].append(time.perf_counter() - t0)
+    return runs
+
+
+def _overhead(ours: list[float], hf: list[float]) -> tuple[float, float, float]:
+    """Median and interquartile range of the per-round overheads 1 - t_hf / t_ours (one round: that value)."""
+    per_round = sorted(1 - h / o for h, o in zip(hf, ours))
+    q = statistics.quantiles(per_round, n=4, method="inclusive") if len(per_round) > 1 else per_round * 3
+    return statistics.median(per_round), q[0], q[-1]
 
 
 def main() -> None:
@@ -59,17 +71,23 @@ def main() -> None:
             with steer(model, v, 1.0, hook_name="blocks.15.hook_resid_post"):
                 ours(model)
 
-        t = {name: _time(fn, args.repeats) for name, fn in (("hf", hf), ("ours", ours), ("ours_hooked", ours_hooked))}
-        row = {"precision": prec, **{f"{k}_tok_s": n / s for k, s in t.items()},
-               "overhead_no_hooks": 1 - t["hf"] / t["ours"], "overhead_hooked": 1 - t["hf"] / t["ours_hooked"]}
+        runs = _time_interleaved({"hf": hf, "ours": ours, "ours_hooked": ours_hooked}, args.repeats)
+        ov, ov_lo, ov_hi = _overhead(runs["ours"], runs["hf"])
+        ovh, ovh_lo, ovh_hi = _overhead(runs["ours_hooked"], runs["hf"])
+        row = {"precision": prec, **{f"{k}_tok_s": n / statistics.median(v) for k, v in runs.items()},
+               "overhead_no_hooks": ov, "overhead_no_hooks_iqr": [ov_lo, ov_hi],
+               "overhead_hooked": ovh, "overhead_hooked_iqr": [ovh_lo, ovh_hi]}
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
-    print("\n| precision | HF generate tok/s | ours tok/s | ours + steering hook tok/s | overhead | overhead hooked |")
+    print(f"\n{args.repeats} interleaved rounds, {n} new tokens, {args.threads} threads; overhead: median "
+          "[interquartile range of per-round overheads]")
+    print("| precision | HF generate tok/s | ours tok/s | ours + steering hook tok/s | overhead | overhead hooked |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        (a, b), (c, d) = r["overhead_no_hooks_iqr"], r["overhead_hooked_iqr"]
         print(f"| {r['precision']} | {r['hf_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {r['ours_hooked_tok_s']:.1f} | "
-              f"{r['overhead_no_hooks']:+.1%} | {r['overhead_hooked']:+.1%} |")
+              f"{r['overhead_no_hooks']:+.1%} [{a:+.1%}, {b:+.1%}] | {r['overhead_hooked']:+.1%} [{c:+.1%}, {d:+.1%}] |")
 
 
 if __name__ == "__main__":
