@@ -16,21 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-
-def _time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, run round-robin: one warm-up round, then ``repeats`` rounds."""
-    runs: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if round_:
-                runs[name].append(time.perf_counter() - t0)
-    return runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # models_overhead's timing helper
+from models_overhead import time_interleaved  # noqa: E402
 
 
 def _overhead(ours: list[float], hf: list[float]) -> tuple[float, float, float]:
@@ -61,8 +53,13 @@ def main() -> None:
 
         def hf(model=model, enc=enc):
             with torch.no_grad():
-                model.hf_model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                        pad_token_id=model.tokenizer.pad_token_id)
+                model.hf_model.generate(
+                    **enc,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=model.tokenizer.pad_token_id,
+                )
 
         def ours(model=model):
             model.generate(prompt, max_new_tokens=n, do_sample=False, stop_at_eos=False, prepend_bos=False)
@@ -71,23 +68,34 @@ def main() -> None:
             with steer(model, v, 1.0, hook_name="blocks.15.hook_resid_post"):
                 ours(model)
 
-        runs = _time_interleaved({"hf": hf, "ours": ours, "ours_hooked": ours_hooked}, args.repeats)
+        runs = time_interleaved({"hf": hf, "ours": ours, "ours_hooked": ours_hooked}, args.repeats)
         ov, ov_lo, ov_hi = _overhead(runs["ours"], runs["hf"])
         ovh, ovh_lo, ovh_hi = _overhead(runs["ours_hooked"], runs["hf"])
-        row = {"precision": prec, **{f"{k}_tok_s": n / statistics.median(v) for k, v in runs.items()},
-               "overhead_no_hooks": ov, "overhead_no_hooks_iqr": [ov_lo, ov_hi],
-               "overhead_hooked": ovh, "overhead_hooked_iqr": [ovh_lo, ovh_hi]}
+        row = {
+            "precision": prec,
+            **{f"{k}_tok_s": n / statistics.median(v) for k, v in runs.items()},
+            "overhead_no_hooks": ov,
+            "overhead_no_hooks_iqr": [ov_lo, ov_hi],
+            "overhead_hooked": ovh,
+            "overhead_hooked_iqr": [ovh_lo, ovh_hi],
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
-    print(f"\n{args.repeats} interleaved rounds, {n} new tokens, {args.threads} threads; overhead: median "
-          "[interquartile range of per-round overheads]")
-    print("| precision | HF generate tok/s | ours tok/s | ours + steering hook tok/s | overhead | overhead hooked |")
+    print(
+        f"\n{args.repeats} interleaved rounds, {n} new tokens, {args.threads} threads; overhead: median "
+        "[interquartile range of per-round overheads]"
+    )
+    print(
+        "| precision | HF generate tok/s | ours tok/s | ours + steering hook tok/s | overhead | overhead hooked |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         (a, b), (c, d) = r["overhead_no_hooks_iqr"], r["overhead_hooked_iqr"]
-        print(f"| {r['precision']} | {r['hf_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {r['ours_hooked_tok_s']:.1f} | "
-              f"{r['overhead_no_hooks']:+.1%} [{a:+.1%}, {b:+.1%}] | {r['overhead_hooked']:+.1%} [{c:+.1%}, {d:+.1%}] |")
+        print(
+            f"| {r['precision']} | {r['hf_tok_s']:.1f} | {r['ours_tok_s']:.1f} | {r['ours_hooked_tok_s']:.1f} | "
+            f"{r['overhead_no_hooks']:+.1%} [{a:+.1%}, {b:+.1%}] | {r['overhead_hooked']:+.1%} [{c:+.1%}, {d:+.1%}] |"
+        )
 
 
 if __name__ == "__main__":
