@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "mutual_nn_null": "nulls",
     "simulate_alignment_nulls": "nulls",
     "anisotropic_directions": "nulls",
+    "reflection_basis": "nulls",
     "anisotropic_random_sae_like": "nulls",
     "covariance_matched_activations": "nulls",
     # seeds as the replication unit

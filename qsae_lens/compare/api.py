@@ -226,10 +226,10 @@ def compare_saes(
     checkpoints' ``sparsity.safetensors`` when present.
 
     ``null``: what "the two SAEs share nothing" means for every weight metric's null value and p-value.
-    "anisotropic" (default): random directions from N(0, Σ_target), Σ the second moment of the target
-    dictionary's unit rows (b's for a->b, a's for b->a; ``qsae_lens.compare.nulls``), so a dictionary
-    concentrated in a subspace or with a power-law spectrum is read against random dictionaries shaped the
-    same way. "isotropic": uniform directions with the analytic best-match null and the simulated
+    "anisotropic" (default): the target dictionary mirrored across random axes of its own shape (b's for
+    a->b, a's for b->a; ``qsae_lens.compare.nulls.anisotropic_directions``): the same subspace, spectrum,
+    norms and angles among its latents, none of its features, so a dictionary concentrated in a subspace
+    or with a power-law spectrum is read against random dictionaries shaped exactly the same way. "isotropic": uniform directions with the analytic best-match null and the simulated
     matching/MNN nulls (the old default; "auto", "analytic" and "simulate" choose how its reference means
     are obtained, "auto" meaning anisotropic since it is the default). "none": no nulls. Each metric's
     ``null_kind`` names the null it was read against. ``cache_nulls`` (default False): read and write the
@@ -528,7 +528,7 @@ def _random_like(n: int, d: int, seed: int, device: torch.device) -> Tensor:
 
 
 def _null_directions(ref: Tensor, n: int, d: int, seed: int, device: torch.device, kind: str) -> Tensor:
-    """Random directions Tensor[n, d] of the given null kind; anisotropic ones share ``ref``'s second moment."""
+    """Random directions Tensor[n, d] of the given null kind; anisotropic ones are a mirror image of ``ref``."""
     if kind == "anisotropic":
         from qsae_lens.compare.nulls import anisotropic_directions
 

@@ -43,8 +43,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         "--null",
         default="anisotropic",
         choices=["anisotropic", "isotropic", "auto", "analytic", "simulate", "none"],
-        help="the random-SAE baseline, as compare_saes(null=...): anisotropic (default: random directions with "
-        "the target dictionary's second moment), isotropic (uniform directions), auto (= anisotropic), "
+        help="the random-SAE baseline, as compare_saes(null=...): anisotropic (default: the target dictionary "
+        "mirrored across random axes of its own shape), isotropic (uniform directions), auto (= anisotropic), "
         "analytic/simulate (isotropic reference computed in closed form or simulated), none",
     )
     parser.add_argument(

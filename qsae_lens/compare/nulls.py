@@ -13,10 +13,15 @@ with ``scipy.integrate.quad``; quantiles are exact, F⁻¹(q^(1/n_b)).
 Anisotropy-matched null (the default of ``compare_saes``). Real dictionaries are not spread evenly over
 the d dimensions: two dictionaries with no shared feature that both live in the same low-dimensional
 subspace, or share a power-law spectrum, match each other far above the isotropic null above. The
-anisotropic null draws random directions from N(0, Σ_b) with Σ_b = U_bᵀU_b / n_b the second moment of the
-target dictionary's unit rows U_b (:func:`anisotropic_directions`), so a random SAE has b's spectrum and
-subspace but no feature of b. :func:`anisotropic_random_sae_like` builds a whole SAE that way (the sweep's
-floor), and :func:`covariance_matched_activations` is the matching null for activation metrics.
+anisotropic null is the target dictionary b mirrored across random axes of its own shape
+(:func:`anisotropic_directions`): b R with R = I + V (D - I) Vᵀ, V the eigenbasis of b's shape
+(:func:`reflection_basis`) and D random signs. The mirror image keeps b's subspace, its spectrum along V
+and every norm and angle among its rows, so it differs from b only in where each latent points; a
+dictionary that shares no feature with b matches it as well as it matches b. (An earlier version drew
+Gaussian directions with b's second moment: those null rows are more alike than b's own rows, their best
+match sits lower, and unrelated dictionaries beat the null at alpha 0.05 in 12-18% of repeats; measured
+in docs/compare.md.) :func:`anisotropic_random_sae_like` builds a whole mirrored SAE (the sweep's floor),
+and :func:`covariance_matched_activations` is the matching null for activation metrics.
 """
 
 from __future__ import annotations
@@ -41,11 +46,19 @@ __all__ = [
     "simulate_alignment_nulls",
     "matched_cosine_null",
     "mutual_nn_null",
+    "ANISOTROPIC_NULL_VERSION",
     "second_moment",
+    "reflection_basis",
+    "reflect",
     "anisotropic_directions",
     "anisotropic_random_sae_like",
     "covariance_matched_activations",
 ]
+
+#: Version of the anisotropic null's construction, part of the inputs a sweep records for every result
+#: computed with it, so that results of an older null are recomputed, not reused (2: mirror images of the
+#: target; 1: Gaussian directions with its second moment).
+ANISOTROPIC_NULL_VERSION = 2
 
 #: Quantile levels reported for every null.
 QUANTILES: tuple[float, ...] = (0.025, 0.05, 0.5, 0.95, 0.975)
@@ -313,58 +326,91 @@ def _sqrt_psd(sigma: Tensor) -> Tensor:
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
-def _eigen_second_moment(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues Tensor[r] and eigenvectors Tensor[d, r] of ``second_moment(w)``; through the thin SVD of the
-    unit rows when there are fewer rows than dimensions (cheaper than a d x d eigendecomposition)."""
-    u = w.detach().double()
-    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    if u.shape[0] < u.shape[1]:
-        _, sv, vh = torch.linalg.svd(u, full_matrices=False)
-        return sv**2 / u.shape[0], vh.T
-    return torch.linalg.eigh((u.T @ u) / u.shape[0])
+def reflection_basis(reference: Tensor, *, max_rows: int | None = None, seed: int = 0) -> Tensor:
+    """Orthonormal columns V (Tensor[d, r], float64) spanning ``reference``'s rows, in the eigenbasis of its shape.
+
+    ``reference``: Tensor[m, d]. r is the rank of the rows (singular values above 1e-6 of the largest).
+    With m <= r (fewer rows than dimensions they span) V is the right singular basis of the rows as given;
+    with m > r it is the eigenbasis of Tyler's shape matrix of the unit rows within their span (the maximum-
+    likelihood scatter of directions, the fixed point Σ ∝ Σ_j u_j u_jᵀ / (u_jᵀ Σ⁻¹ u_j)), which a dictionary
+    of unit rows with an anisotropic spectrum estimates without the bias that row normalisation puts into
+    the plain second moment. At most ``max_rows`` rows (default max(4r, 2048), a seeded random subset) enter
+    the fixed point, which costs O(iterations · rows · r²); the span uses all rows.
+    """
+    if reference.ndim != 2 or reference.shape[0] < 1 or reference.shape[1] < 2:
+        raise ValueError(f"reflection_basis needs a Tensor[m, d] with m >= 1, d >= 2; got {tuple(reference.shape)}")
+    w = reference.detach().double().cpu()
+    w = w[w.norm(dim=1) > 0]
+    if w.shape[0] == 0:
+        raise ValueError("reflection_basis: every row of the reference is zero")
+    if w.shape[0] <= w.shape[1]:
+        _, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    else:
+        vals, vecs = torch.linalg.eigh(w.T @ w)
+        sv, vh = vals.clamp_min(0).sqrt().flip(0), vecs.flip(1).T
+    span = vh[sv > 1e-6 * float(sv[0])]  # Tensor[r, d]
+    r = span.shape[0]
+    if w.shape[0] <= r:
+        return span.T.contiguous()
+    max_rows = max(4 * r, 2048) if max_rows is None else max_rows
+    if w.shape[0] > max_rows:
+        w = w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]]
+    c = w @ span.T
+    c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-300)  # unit rows, in span coordinates
+    shape = c.T @ c / c.shape[0]
+    for _ in range(100):
+        weights = 1.0 / (c * torch.linalg.solve(shape, c.T).T).sum(dim=1).clamp_min(1e-300)
+        new = (c * weights[:, None]).T @ c
+        new = new / torch.trace(new)
+        converged = float((new - shape).abs().max()) < 1e-9
+        shape = new
+        if converged:
+            break
+    return span.T @ torch.linalg.eigh(shape)[1]
 
 
-def _direction_matched_root(
-    eig: tuple[Tensor, Tensor], *, n_mc: int = 8192, n_iter: int = 30
+def reflect(
+    w: Tensor, basis: Tensor, *, seed: int = 0, block_size: int = 8192, device: str | torch.device = "cpu"
 ) -> Tensor:
-    """S (Tensor[d, d] float64) with E[u uᵀ] = Σ for u = z S / |z S|, z ~ N(0, I): fixed-point iteration
-    on the eigen-scales (the direction second moment is diagonal in Σ's eigenbasis by symmetry), with a
-    fixed Monte-Carlo sample of n_mc Gaussian draws (relative error ~1/sqrt(n_mc)) over the r non-zero
-    eigenvalues only (r <= rows of the reference), so the cost is O(n_iter · n_mc · r)."""
-    vals, vecs = eig
-    lam = vals.clamp_min(0)
-    keep = lam > 1e-10 * float(lam.max())
-    lam_k = lam[keep] / lam[keep].sum()
-    scale2 = lam_k.clone()
-    g2 = torch.randn(n_mc, lam_k.numel(), generator=torch.Generator().manual_seed(0x51D), dtype=torch.float64) ** 2
-    for _ in range(n_iter):
-        w = g2 * scale2
-        m = (w / w.sum(dim=1, keepdim=True)).mean(dim=0)
-        scale2 = scale2 * lam_k / m.clamp_min(1e-300)
-        scale2 = scale2 / scale2.sum()
-    v = vecs[:, keep]
-    return (v * scale2.sqrt()) @ v.T
+    """``w`` (Tensor[m, d]) mirrored across a random set of the axes ``basis`` (Tensor[d, r], orthonormal):
+    w R with R = I + V (D - I) Vᵀ, D a seeded diagonal of random signs. R is orthogonal and symmetric, so the
+    rows keep their norms and mutual angles (w Rᵀ R wᵀ = w wᵀ) and the part of w outside V is unchanged.
+    Returns float32, ``block_size`` rows at a time (memory O(block_size · d + d · r))."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + 0xA5150) % (2**63))
+    flip = (torch.randint(0, 2, (basis.shape[1],), generator=gen) * 2 - 1).double() - 1.0  # D - I: 0 or -2
+    v = basis.double()
+    out = []
+    for start in range(0, w.shape[0], block_size):
+        x = w[start : start + block_size].detach().double().cpu()
+        out.append((x + ((x @ v) * flip) @ v.T).float())
+    return torch.cat(out).to(device)
 
 
 def anisotropic_directions(
-    reference: Tensor, n: int, *, seed: int = 0, device: str | torch.device = "cpu"
+    reference: Tensor, n: int | None = None, *, seed: int = 0, device: str | torch.device = "cpu"
 ) -> Tensor:
-    """n random directions Tensor[n, d] (float32, unnormalised) drawn from N(0, Σ), Σ = ``second_moment(reference)``.
+    """A random dictionary Tensor[n, d] (float32) with ``reference``'s spectrum and subspace and none of its features.
 
-    ``reference``: Tensor[m, d], the dictionary whose spectrum and subspace the null must share (for the a->b
-    direction of a comparison, b's rows: the target's). Each draw is z S with z ~ N(0, I_d), seeded, and
-    S = V diag(s) Vᵀ in Σ's eigenbasis V, the scales s chosen so that the *directions* z S / |z S| have second
-    moment Σ (a plain Σ^(1/2) gives Gaussian vectors with second moment Σ, whose directions are less
-    concentrated than Σ once normalised: unrelated dictionaries would then sit above their null).
-    Memory is O(n·d + d²). The draws share no direction with ``reference`` beyond what its second moment
-    implies, which is what "b shares no feature with a" means for a dictionary shaped like b.
+    ``reference``: Tensor[m, d], the dictionary whose shape the null must share (for the a->b direction of a
+    comparison, b's rows: the target's). The draw is ``reference`` mirrored across random axes of its own
+    shape (:func:`reflection_basis`, :func:`reflect`): the rows keep their norms and mutual angles, the
+    dictionary its subspace and second moment along those axes, but each row's direction is scrambled
+    across the axes, so a dictionary that shares no feature with ``reference`` matches the draw as well as
+    it matches ``reference`` itself. For a dictionary of Gaussian rows (any covariance) the mirror image has
+    exactly the original's law, and so has one of unit rows spread evenly over a subspace: the comparison
+    against it is then an exact randomisation test (measured false-positive rates in docs/compare.md).
+    ``n`` (default m): with n != m, rows of independent mirror images, a seeded random subset.
     """
+    m = reference.shape[0]
+    n = m if n is None else n
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    root = _direction_matched_root(_eigen_second_moment(reference)).float()
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + 0xA5150) % (2**63))
-    z = torch.randn(n, root.shape[0], generator=gen)
-    return (z @ root).to(device)
+    basis = reflection_basis(reference, seed=seed)
+    if n == m:
+        return reflect(reference, basis, seed=seed, device=device)
+    copies = torch.cat([reflect(reference, basis, seed=seed + 7919 * i) for i in range(-(-n // m))])
+    pick = torch.randperm(copies.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return copies[pick].to(device)
 
 
 def covariance_matched_activations(x: Tensor, n: int | None = None, *, seed: int = 0) -> Tensor:
@@ -391,15 +437,13 @@ def anisotropic_random_sae_like(
     """An SAE of the same class, shapes and biases as the given one, whose latent directions are random.
 
     The floor of a precision sweep: what an SAE with the real one's decoder spectrum, norms and biases but no
-    learned feature scores. Built as:
+    learned feature scores. It is the real SAE seen in a mirror: with R the random reflection of
+    :func:`anisotropic_directions` (axes from the real decoder's shape, seeded by ``seed``),
 
-    - ``W_dec``: rows drawn by :func:`anisotropic_directions` from the real decoder's second moment, each
-      rescaled to the norm of a randomly chosen real row (unit for SAELens's normalised decoders);
-    - ``W_enc``: the new decoder's transpose, each column rescaled to the norm of the matching real encoder
-      column (so pre-activations have the real scale);
-    - ``b_dec``: the real one (the activations' centre is not a feature);
-    - every other per-latent parameter (``b_enc``, JumpReLU ``threshold``, gated ``b_gate``/``b_mag``/
-      ``r_mag``...): the real values under the same random permutation of latents, keeping their distribution.
+    - ``W_dec`` -> ``W_dec R`` (row norms, mutual angles and subspace kept, directions scrambled);
+    - ``W_enc`` -> ``R W_enc``, so the fake encodes ``x R`` exactly as the real one encodes ``x``;
+    - ``b_dec``, ``b_enc`` and every other per-latent parameter (JumpReLU ``threshold``, gated ``b_gate``/
+      ``b_mag``/``r_mag``...): the real values, attached to the same latents.
 
     ``sae_or_folder``: a SAELens ``SAE`` or a checkpoint folder. With ``out_dir`` the SAE is also saved there
     (``save_model``, written to a temporary folder and renamed). Returns the new SAE (on CPU).
@@ -422,23 +466,14 @@ def anisotropic_random_sae_like(
     fake = copy.deepcopy(real).to("cpu")
     w_dec = real.W_dec.detach().float().cpu()
     d_sae, d_in = w_dec.shape
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + 0xF100) % (2**63))
-    perm = torch.randperm(d_sae, generator=gen)
-    new_dirs = anisotropic_directions(w_dec, d_sae, seed=seed)
-    new_dirs = new_dirs / new_dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    new_dec = new_dirs * w_dec.norm(dim=1, keepdim=True)[perm]
+    basis = reflection_basis(w_dec, seed=seed)
     state = {}
     for name, t in real.state_dict().items():
         t = t.detach().cpu()
         if name == "W_dec":
-            state[name] = new_dec.to(t.dtype)
+            state[name] = reflect(t, basis, seed=seed).to(t.dtype)
         elif name == "W_enc" and t.shape == (d_in, d_sae):
-            col_norms = t.float().norm(dim=0)[perm]
-            state[name] = (new_dirs.T * col_norms).to(t.dtype)
-        elif name == "b_dec":
-            state[name] = t.clone()
-        elif t.ndim >= 1 and t.shape[-1] == d_sae:
-            state[name] = t[..., perm].clone()
+            state[name] = reflect(t.T, basis, seed=seed).T.contiguous().to(t.dtype)  # R W_enc, the same mirror
         else:
             state[name] = t.clone()
     fake.load_state_dict(state)

@@ -60,8 +60,8 @@ class MetricResult(NamedTuple):
     p_value_bh: float | None = None
     """p after Benjamini-Hochberg false-discovery-rate correction over all p-values of this report."""
     null_kind: str | None = None
-    """What ``null`` and ``p_value`` are read against: ``"anisotropic"`` (random directions with the target
-    dictionary's second moment), ``"isotropic"`` (uniform directions), ``"covariance-matched"`` or
+    """What ``null`` and ``p_value`` are read against: ``"anisotropic"`` (the target dictionary mirrored
+    across random axes of its own shape), ``"isotropic"`` (uniform directions), ``"covariance-matched"`` or
     ``"token-permutation"`` (activation metrics), ``"sign-flip"``; None without a null."""
 
     def to_dict(self) -> dict[str, float | None]:

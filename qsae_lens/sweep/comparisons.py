@@ -115,7 +115,7 @@ def run_comparisons(plan: SweepPlan, saes: dict[CellKey, Any], identities: dict[
                     progress: bool = True) -> ComparisonsResult:
     """``compare_saes`` on every pair of :func:`comparison_pairs`, with the SAEs and activations in memory."""
     from qsae_lens.compare import ComparisonReport, compare_saes
-    from qsae_lens.compare.nulls import anisotropic_random_sae_like
+    from qsae_lens.compare.nulls import ANISOTROPIC_NULL_VERSION, anisotropic_random_sae_like
 
     cfg = plan.config
     acts = _EvalActivations(plan, max_norms)
@@ -131,7 +131,8 @@ def run_comparisons(plan: SweepPlan, saes: dict[CellKey, Any], identities: dict[
         inputs = {"a": {"cell": pair.a.label, "sae": a_id}, "b": {"cell": pair.b.label, "sae": identities[pair.b]},
                   "activations": {"a": a_prec, "b": pair.b.precision, "hook": hook, "data": data_ids,
                                   "max_norm": max_norms.get(hook)},
-                  "n_bootstrap": cfg.n_bootstrap, "n_permutations": cfg.n_permutations, "seed": cfg.seed}
+                  "n_bootstrap": cfg.n_bootstrap, "n_permutations": cfg.n_permutations, "seed": cfg.seed,
+                  "null": f"anisotropic-v{ANISOTROPIC_NULL_VERSION}"}
 
         def compute(tmp: Path, a_sae: Any = a_sae, a_prec: str = a_prec, pair: Pair = pair, hook: str = hook) -> None:
             print(f"[qsae sweep] comparing {pair.name}", flush=True)

@@ -97,6 +97,7 @@ def run_step(plan: Any, core: Any) -> SeedsStepResult:
 
     Reuses ``<out>/seeds/<layer>/`` when the SAE content hashes and statistics settings are unchanged.
     """
+    from qsae_lens.compare.nulls import ANISOTROPIC_NULL_VERSION
     from qsae_lens.sweep.reuse import run_or_reuse, sae_identity
 
     cfg = plan.config
@@ -108,7 +109,8 @@ def run_step(plan: Any, core: Any) -> SeedsStepResult:
         keys = sorted((k for k in core.saes if k.layer == layer), key=lambda k: (k.precision, k.seed))
         folder = plan.step_dir(NAME) / f"layer{layer}"
         inputs = {"saes": {k.label: sae_identity(k.dir(plan.out_dir)) for k in keys},
-                  "n_bootstrap": n_boot, "n_permutations": n_perm, "seed": seed, "version": 1}
+                  "n_bootstrap": n_boot, "n_permutations": n_perm, "seed": seed, "version": 1,
+                  "null": f"anisotropic-v{ANISOTROPIC_NULL_VERSION}"}
 
         def compute(tmp: Path, layer: int = layer) -> None:
             bar, eff, floor = _layer_effects(plan, core.saes, layer, n_boot, n_perm, seed)
