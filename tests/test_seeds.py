@@ -167,3 +167,25 @@ def test_sweep_step_headline_and_withheld(tmp_path):
     withheld = step.report_section(step.run_step(plan, SimpleNamespace(saes=saes)))
     assert withheld.markdown.startswith("The SAEs are too undertrained for any conclusion")
     assert withheld.data["headline_withheld"] and math.isfinite(withheld.data["floor"]["16"]["decoder_matched_cosine"])
+
+
+def test_sharing_bar_monte_carlo_over_null_draws():
+    """With M null draws per pair, p is the observed fraction's rank among the draws' fractions."""
+    from qsae_lens.compare.seeds import sharing_bar
+
+    n, m = 100, 99
+    observed = {(0, 1): torch.cat([torch.full((20,), 0.9), torch.zeros(n - 20)])}  # fraction 0.20
+    # draw i has (i % 30) latents above 0.5: fractions 0.00..0.29, 3 or 4 draws at each level
+    draws = torch.zeros(m, n)
+    for i in range(m):
+        draws[i, : i % 30] = 0.9
+    bar = sharing_bar(observed, {(0, 1): draws}, alpha=0.01)
+    n_ge = sum(1 for i in range(m) if (i % 30) / n >= 0.20)  # draws at or above the observed fraction
+    assert bar.p_values[0] == pytest.approx((1 + n_ge) / (m + 1))
+    assert bar.null[0] == pytest.approx(sum(i % 30 for i in range(m)) / (m * n))
+    assert not bar.cleared
+    far = {(0, 1): torch.full((n,), 0.9)}
+    assert sharing_bar(far, {(0, 1): draws}, alpha=0.05).cleared
+    # 99 draws cannot clear alpha 0.01: p's floor is 1/100, not below it
+    floor = sharing_bar(far, {(0, 1): draws}, alpha=0.01)
+    assert floor.p_values[0] == pytest.approx(1 / (m + 1)) and not floor.cleared

@@ -209,6 +209,7 @@ def compare_saes(
     progress: bool = True,
     batch_size: int = 1024,
     cache_nulls: bool = False,
+    n_null_draws: int = 39,
 ) -> ComparisonReport:
     """Compare two SAEs trained on the same space (two precisions, two seeds, two layers).
 
@@ -232,7 +233,12 @@ def compare_saes(
     or with a power-law spectrum is read against random dictionaries shaped exactly the same way. "isotropic": uniform directions with the analytic best-match null and the simulated
     matching/MNN nulls (the old default; "auto", "analytic" and "simulate" choose how its reference means
     are obtained, "auto" meaning anisotropic since it is the default). "none": no nulls. Each metric's
-    ``null_kind`` names the null it was read against. ``cache_nulls`` (default False): read and write the
+    ``null_kind`` names the null it was read against. ``n_null_draws`` (anisotropic null, default 39):
+    independent mirror images the weight metrics are computed against; each metric's ``null`` is the mean
+    of their SAE-level values and its ``p_value`` the Monte-Carlo rank (1 + #{draws >= observed}) /
+    (n_null_draws + 1), one-sided, which counts the draw-to-draw variance of the null dictionary (a
+    latent-by-latent test against one draw does not, and is overconfident near the null: docs/compare.md);
+    its floor is 1/(n_null_draws + 1). ``cache_nulls`` (default False): read and write the
     simulated isotropic nulls' JSON cache under ``qsae_lens.assets.cache_dir()/nulls``; by default
     ``compare_saes`` writes no file.
     Raises ValueError for different d_in, NaN/Inf weights, or an unreadable checkpoint; different
@@ -242,6 +248,8 @@ def compare_saes(
 
     if null not in _NULL_MODES:
         raise ValueError(f"null must be one of {', '.join(_NULL_MODES)}; got {null!r}")
+    if not isinstance(n_null_draws, int) or n_null_draws < 1:
+        raise ValueError(f"n_null_draws must be an int >= 1 (mirror images of the null); got {n_null_draws!r}")
     if null == "auto":
         null = "anisotropic"
     kind = null_kind(null)
@@ -266,7 +274,8 @@ def compare_saes(
     n_steps = 7 + (6 if xs is not None else 0)
     bar = tqdm(total=n_steps, desc="compare_saes", disable=not progress, leave=False)
     ctx = _Context(
-        n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed, bar=bar, cache_nulls=cache_nulls, null_kind=kind
+        n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed, bar=bar, cache_nulls=cache_nulls,
+        null_kind=kind, n_null_draws=n_null_draws,
     )
     metrics: dict[str, MetricResult] = {}
     distributions: dict[str, Any] = {}
@@ -307,6 +316,7 @@ def compare_saes(
         "seed": seed,
         "null": null,
         "cache_nulls": cache_nulls,
+        "n_null_draws": n_null_draws if kind == "anisotropic" else None,
         "device": str(dev),
         "activations": xs is not None,
         "n_tokens": int(xs[0].shape[0]) if xs is not None else None,
@@ -332,6 +342,7 @@ class _Context:
     bar: Any
     cache_nulls: bool = False
     null_kind: str | None = None
+    n_null_draws: int = 39
 
     def step(self, what: str) -> None:
         self.bar.set_postfix_str(what)
@@ -536,6 +547,49 @@ def _null_directions(ref: Tensor, n: int, d: int, seed: int, device: torch.devic
     return _random_like(n, d, seed, device)
 
 
+def _mirror_draw_values(
+    dec_a: Tensor, dec_b: Tensor, enc_a: Tensor | None, enc_b: Tensor | None, *, n_draws: int, seed: int,
+    block_size: int, dev: torch.device,
+) -> dict[str, list[float]]:
+    """Each weight metric's SAE-level value against ``n_draws`` independent mirror images of the target
+    dictionary (b's for a->b, a's for b->a; seeds disjoint from the first draw's): {metric: [n_draws floats]}.
+
+    The bases are computed once per dictionary; each draw costs one best match both ways, one best match
+    b->a, the encoder best matches and one one-to-one matching (memory as those functions state).
+    """
+    from qsae_lens.compare.alignment import (
+        best_match,
+        best_match_both,
+        mutual_nearest_neighbours,
+        one_to_one_matching,
+    )
+    from qsae_lens.compare.nulls import reflect, reflection_basis
+
+    dicts = {"dec_a": dec_a, "dec_b": dec_b, "enc_a": enc_a, "enc_b": enc_b}
+    bases = {k: reflection_basis(v, seed=seed) for k, v in dicts.items() if v is not None}
+    out: dict[str, list[float]] = {}
+
+    def add(name: str, value: Tensor | float) -> None:
+        out.setdefault(name, []).append(float(value))
+
+    for i in range(n_draws):
+        s = seed + 7_919 * (i + 1)
+        mirror = {k: reflect(dicts[k], basis, seed=s, device=dev) for k, basis in bases.items()}
+        ab, ba_of_mirror = best_match_both(dec_a, mirror["dec_b"], block_size=block_size)
+        add("decoder_cosine_best_match_ab", ab.cosine.mean())
+        add("decoder_mutual_nn_fraction",
+            mutual_nearest_neighbours(dec_a, mirror["dec_b"], matches=(ab, ba_of_mirror)).float().mean())
+        add("decoder_cosine_best_match_ba", best_match(dec_b, mirror["dec_a"], block_size=block_size).cosine.mean())
+        if "enc_a" in mirror and "enc_b" in mirror:
+            add("encoder_cosine_best_match_ab", best_match(enc_a, mirror["enc_b"], block_size=block_size).cosine.mean())
+            add("encoder_cosine_best_match_ba", best_match(enc_b, mirror["enc_a"], block_size=block_size).cosine.mean())
+        matched = one_to_one_matching(dec_a, mirror["dec_b"], block_size=block_size).cosine
+        add("decoder_matched_cosine", matched.mean())
+        for t in MATCH_THRESHOLDS:
+            add(f"decoder_matched_fraction_above_{t}", (matched > t).float().mean())
+    return out
+
+
 def _weight_metrics(
     dec_a: Tensor,
     dec_b: Tensor,
@@ -571,9 +625,13 @@ def _weight_metrics(
     # With the anisotropic null the random SAE of b's shape has b's second moment (its subspace and
     # spectrum), so the null values are those of a against "b without its features".
     ns = _NullSample()
+    draws: dict[str, list[float]] = {}  # SAE-level values against further mirror images (anisotropic)
     if kind is not None:
         rand_b = _null_directions(dec_b, n_b, d, ctx.seed + 1, dev, kind)
         rand_a = _null_directions(dec_a, n_a, d, ctx.seed + 2, dev, kind)
+    if kind == "anisotropic" and ctx.n_null_draws > 1:
+        draws = _mirror_draw_values(dec_a, dec_b, enc_a, enc_b, n_draws=ctx.n_null_draws - 1, seed=ctx.seed + 5,
+                                    block_size=block_size, dev=dev)
 
     bm_ab, bm_ba = best_match_both(dec_a, dec_b, block_size=block_size)
     mnn = mutual_nearest_neighbours(dec_a, dec_b, matches=(bm_ab, bm_ba))
@@ -585,13 +643,16 @@ def _weight_metrics(
     ctx.step("decoder best match")
     r_ab, r_ba = ref.get("best_match_ab"), ref.get("best_match_ba")
     _add_mean_metric(
-        metrics, "decoder_cosine_best_match_ab", bm_ab.cosine, ns.best_match_ab, ctx, null_mean=r_ab
+        metrics, "decoder_cosine_best_match_ab", bm_ab.cosine, ns.best_match_ab, ctx, null_mean=r_ab,
+        null_draws=draws.get("decoder_cosine_best_match_ab"),
     )
     _add_mean_metric(
-        metrics, "decoder_cosine_best_match_ba", bm_ba.cosine, ns.best_match_ba, ctx, null_mean=r_ba
+        metrics, "decoder_cosine_best_match_ba", bm_ba.cosine, ns.best_match_ba, ctx, null_mean=r_ba,
+        null_draws=draws.get("decoder_cosine_best_match_ba"),
     )
     _add_mean_metric(
-        metrics, "decoder_mutual_nn_fraction", mnn.float(), ns.mutual_nn, ctx, null_mean=ref.get("mutual_nn")
+        metrics, "decoder_mutual_nn_fraction", mnn.float(), ns.mutual_nn, ctx, null_mean=ref.get("mutual_nn"),
+        null_draws=draws.get("decoder_mutual_nn_fraction"),
     )
     distributions["decoder_cosine_best_match_ab"] = _quantiles_and_histogram(
         bm_ab.cosine, ns.best_match_ab, r_ab
@@ -615,6 +676,7 @@ def _weight_metrics(
             ns.encoder_best_match_ab,
             ctx,
             null_mean=r_ab,
+            null_draws=draws.get("encoder_cosine_best_match_ab"),
         )
         _add_mean_metric(
             metrics,
@@ -623,6 +685,7 @@ def _weight_metrics(
             ns.encoder_best_match_ba,
             ctx,
             null_mean=r_ba,
+            null_draws=draws.get("encoder_cosine_best_match_ba"),
         )
         distributions["encoder_cosine_best_match_ab"] = _quantiles_and_histogram(
             e_ab.cosine, ns.encoder_best_match_ab, r_ab
@@ -637,7 +700,8 @@ def _weight_metrics(
         ns.matched = one_to_one_matching(dec_a, rand_b, block_size=block_size).cosine
     ctx.step("one-to-one matching")
     r_m = ref.get("matched")
-    _add_mean_metric(metrics, "decoder_matched_cosine", matching.cosine, ns.matched, ctx, null_mean=r_m)
+    _add_mean_metric(metrics, "decoder_matched_cosine", matching.cosine, ns.matched, ctx, null_mean=r_m,
+                     null_draws=draws.get("decoder_matched_cosine"))
     distributions["decoder_matched_cosine"] = _quantiles_and_histogram(matching.cosine, ns.matched, r_m)
     observed_frac = fraction_above(matching.cosine, MATCH_THRESHOLDS)
     null_frac = fraction_above(ns.matched, MATCH_THRESHOLDS) if ns.matched is not None else {}
@@ -645,10 +709,10 @@ def _weight_metrics(
         above = (matching.cosine > t).float()
         null_above = (ns.matched > t).float() if ns.matched is not None else None
         name = f"decoder_matched_fraction_above_{t}"
-        _add_mean_metric(metrics, name, above, null_above, ctx)
+        _add_mean_metric(metrics, name, above, null_above, ctx, null_draws=draws.get(name))
         # fraction_above is the definition; the bootstrap above is over the same indicator values
         metrics[name] = metrics[name]._replace(
-            value=observed_frac[t], null=null_frac.get(t, metrics[name].null)
+            value=observed_frac[t], null=metrics[name].null if name in draws else null_frac.get(t, metrics[name].null)
         )
     ctx.step("fractions above thresholds")
     return matching
@@ -663,9 +727,14 @@ def _add_mean_metric(
     *,
     null_mean: float | None = None,
     null_kind: str | None = None,
+    null_draws: list[float] | None = None,
 ) -> None:
-    """A mean over latents with its bootstrap CI, the null's mean and the paired permutation p-value
-    of observed against null values (one per latent)."""
+    """A mean over latents with its bootstrap CI, the null's mean and a one-sided p-value.
+
+    With ``null_draws`` (the SAE-level value against further null dictionaries, beside ``null_values``'
+    mean as one more draw): null = the mean over draws, p = (1 + #{draws >= value}) / (draws + 1), the
+    Monte-Carlo test whose unit is the null dictionary. Without: the paired permutation (sign-flip) test
+    of observed against null values, latent by latent."""
     from qsae_lens.compare.stats import bootstrap_ci, paired_permutation_test
 
     v = _finite(values)
@@ -680,7 +749,11 @@ def _add_mean_metric(
         if null is None and nv.numel():
             null = float(nv.mean())
         m = min(v.numel(), nv.numel())
-        if m >= 2:  # one-sided: the question is whether the SAEs share more than the null does
+        if null_draws is not None and nv.numel():
+            all_draws = [float(nv.mean()), *null_draws]
+            null = sum(all_draws) / len(all_draws) if null_mean is None else null
+            p = (1 + sum(x >= est.value for x in all_draws)) / (len(all_draws) + 1)
+        elif m >= 2:  # one-sided: the question is whether the SAEs share more than the null does
             p = paired_permutation_test(
                 v[:m], nv[:m], n_permutations=ctx.n_permutations, seed=ctx.seed, alternative="greater"
             )

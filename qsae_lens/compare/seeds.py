@@ -95,7 +95,8 @@ class SharingBar(NamedTuple):
     null: tuple[float, ...]
     """Per baseline seed pair: the statistic against the null SAE."""
     p_values: tuple[float, ...]
-    """Per baseline seed pair: one-sided paired sign-flip p of observed > null over latents."""
+    """Per baseline seed pair: one-sided p of observed > null (Monte-Carlo rank among null draws, or a paired
+    sign-flip test over latents with one draw)."""
     alpha: float
     message: str
     """One line for the report: what was found."""
@@ -317,25 +318,32 @@ def sharing_bar(
 ) -> SharingBar:
     """Do the baseline seed pairs share features clearly above the anisotropic null?
 
-    ``observed[(s, s')]``: Tensor[n] matched cosines of a baseline seed pair; ``null[(s, s')]``: Tensor[n]
-    matched cosines of seed s against an anisotropy-matched random SAE (``nulls.anisotropic_random_sae_like``
-    or ``nulls.anisotropic_directions`` of s'). The statistic is the fraction of latents matched above
-    ``threshold``; each pair is tested one-sided (observed > null) by a paired sign-flip test over latents,
-    and the bar is cleared when every pair has p < ``alpha`` and a higher fraction than its null.
+    ``observed[(s, s')]``: Tensor[n] matched cosines of a baseline seed pair; ``null[(s, s')]``: matched
+    cosines of seed s against anisotropy-matched random dictionaries (mirror images of s',
+    ``nulls.anisotropic_directions``), either Tensor[M, n] for M independent draws or Tensor[n] for one.
+    The statistic is the fraction of latents matched above ``threshold``. With M draws each pair's p is
+    the Monte-Carlo rank (1 + #{draws >= observed}) / (M + 1), whose unit is the null dictionary (its floor
+    is 1/(M + 1), so M >= 1/alpha is needed to clear the bar); with one draw, a paired sign-flip test over
+    latents (overconfident near the null: docs/compare.md). The bar is cleared when every pair has
+    p < ``alpha`` and a higher fraction than its null's mean.
     """
     from qsae_lens.compare.stats import paired_permutation_test
 
     obs = _check_pairs(observed, "observed")
-    nul = _check_pairs(null, "null")
-    missing = set(obs) - set(nul)
+    missing = set(obs) - set(null)
     if missing:
         raise ValueError(f"null: no null values for seed pairs {sorted(missing)}")
     fr_o, fr_n, ps = [], [], []
     for key in sorted(obs):
         o = (obs[key] > threshold).double()
-        n = (nul[key] > threshold).double()
-        m = min(o.numel(), n.numel())
+        n = (torch.as_tensor(null[key]) > threshold).double()
         fr_o.append(float(o.mean()))
+        if n.ndim == 2:  # M draws: Monte-Carlo rank of the observed fraction among the draws' fractions
+            draws = n.mean(dim=1)
+            fr_n.append(float(draws.mean()))
+            ps.append((1 + int((draws >= fr_o[-1]).sum())) / (draws.numel() + 1))
+            continue
+        m = min(o.numel(), n.numel())
         fr_n.append(float(n.mean()))
         ps.append(
             float(

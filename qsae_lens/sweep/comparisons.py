@@ -26,6 +26,9 @@ import torch
 from qsae_lens.sweep.plan import CellKey, SweepPlan
 from qsae_lens.sweep.reuse import run_or_reuse
 
+N_NULL_DRAWS = 39
+"""Mirror-image null draws per comparison (``compare_saes(n_null_draws=...)``): p's floor is 1/40."""
+
 FLOOR = "random"
 """The ``precision`` of the floor's pseudo cell key."""
 
@@ -132,13 +135,14 @@ def run_comparisons(plan: SweepPlan, saes: dict[CellKey, Any], identities: dict[
                   "activations": {"a": a_prec, "b": pair.b.precision, "hook": hook, "data": data_ids,
                                   "max_norm": max_norms.get(hook)},
                   "n_bootstrap": cfg.n_bootstrap, "n_permutations": cfg.n_permutations, "seed": cfg.seed,
-                  "null": f"anisotropic-v{ANISOTROPIC_NULL_VERSION}"}
+                  "null": f"anisotropic-v{ANISOTROPIC_NULL_VERSION}", "n_null_draws": N_NULL_DRAWS}
 
         def compute(tmp: Path, a_sae: Any = a_sae, a_prec: str = a_prec, pair: Pair = pair, hook: str = hook) -> None:
             print(f"[qsae sweep] comparing {pair.name}", flush=True)
             report = compare_saes(a_sae, saes[pair.b], activations=(acts.get(a_prec, pair.b.layer),
                                                                      acts.get(pair.b.precision, pair.b.layer)),
                                   hook=hook, n_bootstrap=cfg.n_bootstrap, n_permutations=cfg.n_permutations,
+                                  n_null_draws=N_NULL_DRAWS,
                                   seed=cfg.seed, device=plan.device, progress=progress)
             report.save(tmp)
 

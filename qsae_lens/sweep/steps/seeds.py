@@ -45,6 +45,9 @@ class SeedsStepResult:
         return f"SeedsStepResult(baseline={self.baseline}, bar cleared={cleared}, {len(self.effects)} precisions)"
 
 
+BAR_NULL_DRAWS = 199
+"""Mirror-image null draws per baseline seed pair for the sharing bar (p floor 1/200, below alpha 0.01)."""
+
 def _per_latent(dec_a: torch.Tensor, dec_b: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-latent values Tensor[d_sae] of each headline metric for one pair of decoders [d_sae, d_in]."""
     from qsae_lens.compare.alignment import mutual_nearest_neighbours, one_to_one_matching
@@ -59,7 +62,8 @@ def _per_latent(dec_a: torch.Tensor, dec_b: torch.Tensor) -> dict[str, torch.Ten
 
 def _layer_effects(plan: Any, saes: dict[Any, Any], layer: int, n_boot: int, n_perm: int, seed: int
                    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, float]]:
-    from qsae_lens.compare.nulls import anisotropic_directions
+    from qsae_lens.compare.alignment import one_to_one_matching
+    from qsae_lens.compare.nulls import anisotropic_directions, reflect, reflection_basis
     from qsae_lens.compare.seeds import seed_effect, sharing_bar
 
     dec = {(k.precision, k.seed): saes[k].W_dec.detach().float().cpu() for k in saes if k.layer == layer}
@@ -71,8 +75,16 @@ def _layer_effects(plan: Any, saes: dict[Any, Any], layer: int, n_boot: int, n_p
     null_pairs = {(s, t): _per_latent(dec[(base, s)], anisotropic_directions(dec[(base, t)], dec[(base, t)].shape[0],
                                                                            seed=seed + 97 * s + t))
                   for s, t in combinations(b_seeds, 2)}
-    bar = sharing_bar({k: v["decoder_matched_cosine"] for k, v in ceiling.items()},
-                      {k: v["decoder_matched_cosine"] for k, v in null_pairs.items()}, n_permutations=n_perm, seed=seed)
+    # the bar's null: BAR_NULL_DRAWS mirror images of s' per pair, so that its p can reach below alpha = 0.01
+    bar_null = {}
+    for s, t in combinations(b_seeds, 2):
+        basis = reflection_basis(dec[(base, t)], seed=seed)
+        bar_null[(s, t)] = torch.stack([
+            one_to_one_matching(dec[(base, s)], reflect(dec[(base, t)], basis, seed=seed + 97 * s + t + 7_919 * (i + 1))).cosine
+            for i in range(BAR_NULL_DRAWS)
+        ])  # fmt: skip
+    bar = sharing_bar({k: v["decoder_matched_cosine"] for k, v in ceiling.items()}, bar_null,
+                      n_permutations=n_perm, seed=seed)
     floor = {m: float(torch.stack([v[m].mean() for v in null_pairs.values()]).mean()) for m in METRICS}
     effects: dict[str, dict[str, Any]] = {}
     for p in plan.precision_names:
@@ -109,7 +121,7 @@ def run_step(plan: Any, core: Any) -> SeedsStepResult:
         keys = sorted((k for k in core.saes if k.layer == layer), key=lambda k: (k.precision, k.seed))
         folder = plan.step_dir(NAME) / f"layer{layer}"
         inputs = {"saes": {k.label: sae_identity(k.dir(plan.out_dir)) for k in keys},
-                  "n_bootstrap": n_boot, "n_permutations": n_perm, "seed": seed, "version": 1,
+                  "n_bootstrap": n_boot, "n_permutations": n_perm, "seed": seed, "version": 2,
                   "null": f"anisotropic-v{ANISOTROPIC_NULL_VERSION}"}
 
         def compute(tmp: Path, layer: int = layer) -> None:
