@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -516,16 +516,29 @@ def reference_nulls(
 
 
 # ---- weight metrics -----------------------------------------------------------------------------
-@dataclass
-class _NullSample:
-    """Per-latent values of each weight metric against a random SAE of the other's shape."""
+#: Each weight metric (a mean over latents) -> its key in ``reference_nulls`` (isotropic closed forms).
+_REFERENCE_KEY = {
+    "decoder_cosine_best_match_ab": "best_match_ab",
+    "decoder_cosine_best_match_ba": "best_match_ba",
+    "decoder_mutual_nn_fraction": "mutual_nn",
+    "encoder_cosine_best_match_ab": "best_match_ab",
+    "encoder_cosine_best_match_ba": "best_match_ba",
+    "decoder_matched_cosine": "matched",
+}
+#: Weight metrics whose per-latent distribution the report keeps (quantiles and histogram).
+_DISTRIBUTIONS = (
+    "decoder_cosine_best_match_ab", "decoder_cosine_best_match_ba", "encoder_cosine_best_match_ab",
+    "encoder_cosine_best_match_ba", "decoder_matched_cosine",
+)  # fmt: skip
 
-    best_match_ab: Tensor | None = None
-    best_match_ba: Tensor | None = None
-    encoder_best_match_ab: Tensor | None = None
-    encoder_best_match_ba: Tensor | None = None
-    mutual_nn: Tensor | None = None
-    matched: Tensor | None = None
+
+class _Dictionary(NamedTuple):
+    """One SAE's latent directions as the weight metrics read them."""
+
+    dec: Tensor
+    """Tensor[n, d] decoder rows."""
+    enc: Tensor | None
+    """Tensor[n, d] encoder columns (as rows), or None when the SAE has no comparable encoder."""
 
 
 def _random_like(n: int, d: int, seed: int, device: torch.device) -> Tensor:
@@ -547,15 +560,15 @@ def _null_directions(ref: Tensor, n: int, d: int, seed: int, device: torch.devic
     return _random_like(n, d, seed, device)
 
 
-def _mirror_draw_values(
-    dec_a: Tensor, dec_b: Tensor, enc_a: Tensor | None, enc_b: Tensor | None, *, n_draws: int, seed: int,
-    block_size: int, dev: torch.device,
-) -> dict[str, list[float]]:
-    """Each weight metric's SAE-level value against ``n_draws`` independent mirror images of the target
-    dictionary (b's for a->b, a's for b->a; seeds disjoint from the first draw's): {metric: [n_draws floats]}.
+def _weight_values(
+    a: _Dictionary, target_b: _Dictionary, b: _Dictionary, target_a: _Dictionary, *, block_size: int
+) -> tuple[dict[str, Tensor], Any]:
+    """Per-latent values (Tensor[n_a] or Tensor[n_b]) of every weight metric, and the one-to-one Matching.
 
-    The bases are computed once per dictionary; each draw costs one best match both ways, one best match
-    b->a, the encoder best matches and one one-to-one matching (memory as those functions state).
+    a->b metrics read a's latents against ``target_b``, b->a metrics b's against ``target_a``: the SAEs
+    themselves for the observed values (``target_b is b``, ``target_a is a``), null dictionaries of their
+    shapes for a null draw. Memory and time as the alignment functions state (blocked best match, one
+    Hungarian matching).
     """
     from qsae_lens.compare.alignment import (
         best_match,
@@ -563,31 +576,62 @@ def _mirror_draw_values(
         mutual_nearest_neighbours,
         one_to_one_matching,
     )
+
+    observed = target_b is b and target_a is a
+    ab, b_to_a = best_match_both(a.dec, target_b.dec, block_size=block_size)
+    ba = b_to_a if observed else best_match(b.dec, target_a.dec, block_size=block_size)
+    values = {
+        "decoder_cosine_best_match_ab": ab.cosine,
+        "decoder_cosine_best_match_ba": ba.cosine,
+        "decoder_mutual_nn_fraction": mutual_nearest_neighbours(a.dec, target_b.dec, matches=(ab, b_to_a)).float(),
+    }
+    if a.enc is not None and b.enc is not None and target_a.enc is not None and target_b.enc is not None:
+        e_ab, e_b_to_a = best_match_both(a.enc, target_b.enc, block_size=block_size)
+        e_ba = e_b_to_a if observed else best_match(b.enc, target_a.enc, block_size=block_size)
+        values["encoder_cosine_best_match_ab"] = e_ab.cosine
+        values["encoder_cosine_best_match_ba"] = e_ba.cosine
+    matching = one_to_one_matching(a.dec, target_b.dec, block_size=block_size)
+    values["decoder_matched_cosine"] = matching.cosine
+    for t in MATCH_THRESHOLDS:
+        values[f"decoder_matched_fraction_above_{t}"] = (matching.cosine > t).float()
+    return values, matching
+
+
+def _null_draws(
+    a: _Dictionary, b: _Dictionary, kind: str, *, n_draws: int, seed: int, block_size: int, dev: torch.device
+) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
+    """Every weight metric against ``n_draws`` null dictionaries (each SAE's target replaced by a random
+    dictionary of the null ``kind``): the first draw's per-latent values, and each draw's SAE-level value
+    ({metric: [n_draws floats]}). Anisotropic draws are mirror images (``nulls.reflect``), the bases
+    computed once per dictionary; isotropic ones are Gaussian directions, the same for decoder and encoder.
+    """
     from qsae_lens.compare.nulls import reflect, reflection_basis
 
-    dicts = {"dec_a": dec_a, "dec_b": dec_b, "enc_a": enc_a, "enc_b": enc_b}
-    bases = {k: reflection_basis(v, seed=seed) for k, v in dicts.items() if v is not None}
-    out: dict[str, list[float]] = {}
+    n_a, n_b, d = a.dec.shape[0], b.dec.shape[0], a.dec.shape[1]
+    tensors = {"a.dec": a.dec, "a.enc": a.enc, "b.dec": b.dec, "b.enc": b.enc}
+    bases = {k: reflection_basis(t, seed=seed) for k, t in tensors.items() if t is not None and kind == "anisotropic"}
 
-    def add(name: str, value: Tensor | float) -> None:
-        out.setdefault(name, []).append(float(value))
+    def null_of(key: str, n: int, draw_seed: int) -> Tensor | None:
+        if tensors[key] is None:
+            return None
+        if kind == "anisotropic":
+            return reflect(tensors[key], bases[key], seed=draw_seed, device=dev)
+        return _random_like(n, d, draw_seed, dev)
 
+    first: dict[str, Tensor] = {}
+    draws: dict[str, list[float]] = {}
     for i in range(n_draws):
-        s = seed + 7_919 * (i + 1)
-        mirror = {k: reflect(dicts[k], basis, seed=s, device=dev) for k, basis in bases.items()}
-        ab, ba_of_mirror = best_match_both(dec_a, mirror["dec_b"], block_size=block_size)
-        add("decoder_cosine_best_match_ab", ab.cosine.mean())
-        add("decoder_mutual_nn_fraction",
-            mutual_nearest_neighbours(dec_a, mirror["dec_b"], matches=(ab, ba_of_mirror)).float().mean())
-        add("decoder_cosine_best_match_ba", best_match(dec_b, mirror["dec_a"], block_size=block_size).cosine.mean())
-        if "enc_a" in mirror and "enc_b" in mirror:
-            add("encoder_cosine_best_match_ab", best_match(enc_a, mirror["enc_b"], block_size=block_size).cosine.mean())
-            add("encoder_cosine_best_match_ba", best_match(enc_b, mirror["enc_a"], block_size=block_size).cosine.mean())
-        matched = one_to_one_matching(dec_a, mirror["dec_b"], block_size=block_size).cosine
-        add("decoder_matched_cosine", matched.mean())
-        for t in MATCH_THRESHOLDS:
-            add(f"decoder_matched_fraction_above_{t}", (matched > t).float().mean())
-    return out
+        sb, sa = seed + 1 + 7_919 * i, seed + 2 + 7_919 * i
+        rand_b = null_of("b.dec", n_b, sb)
+        rand_a = null_of("a.dec", n_a, sa)
+        target_b = _Dictionary(rand_b, null_of("b.enc", n_b, sb) if kind == "anisotropic" else rand_b)
+        target_a = _Dictionary(rand_a, null_of("a.enc", n_a, sa) if kind == "anisotropic" else rand_a)
+        values, _ = _weight_values(a, target_b, b, target_a, block_size=block_size)
+        if i == 0:
+            first = values
+        for name, v in values.items():
+            draws.setdefault(name, []).append(float(_finite(v).mean()) if v.numel() else float("nan"))
+    return first, draws
 
 
 def _weight_metrics(
@@ -603,118 +647,40 @@ def _weight_metrics(
     metrics: dict[str, MetricResult],
     distributions: dict[str, Any],
 ) -> Any:
-    """Best match both ways (decoder and encoder), MNN, one-to-one matching; returns the Matching."""
-    from qsae_lens.compare.alignment import (
-        best_match,
-        best_match_both,
-        fraction_above,
-        mutual_nearest_neighbours,
-        one_to_one_matching,
-    )
+    """Best match both ways (decoder and encoder), MNN, one-to-one matching and the fractions matched above
+    each threshold, each against its null; returns the Matching.
 
+    Null values: each SAE against a random dictionary of the other's shape (seeded). Anisotropic: mirror
+    images of the other SAE, ``ctx.n_null_draws`` of them, and p is the Monte-Carlo rank among their
+    SAE-level values. Isotropic: one draw of uniform directions, whose per-latent values are paired latent
+    by latent with the observed ones for the sign-flip test (for uniform directions each latent's best
+    match has the same law whatever the latent is).
+    """
     n_a, n_b, d = dec_a.shape[0], dec_b.shape[0], dec_a.shape[1]
     kind = null_kind(null)
     ref = reference_nulls(
         n_a, n_b, d, null, seed=ctx.seed, block_size=block_size, device=dev, use_cache=ctx.cache_nulls
     )
     ctx.step("null baselines")
-    # A null sample: each SAE against random directions of the other's shape (seeded). For isotropic
-    # random directions the per-latent best-match cosine has the same law whatever the fixed latent
-    # is, so these are draws from the random-vs-random null, paired latent by latent with the
-    # observed values (which the paired permutation test needs).
-    # With the anisotropic null the random SAE of b's shape has b's second moment (its subspace and
-    # spectrum), so the null values are those of a against "b without its features".
-    ns = _NullSample()
-    draws: dict[str, list[float]] = {}  # SAE-level values against further mirror images (anisotropic)
+    enc_a, enc_b = (e.to(dev) if e is not None else None for e in (enc_a, enc_b))
+    a, b = _Dictionary(dec_a, enc_a), _Dictionary(dec_b, enc_b)
+    observed, matching = _weight_values(a, b, b, a, block_size=block_size)
+    ctx.step("weight metrics")
+    first: dict[str, Tensor] = {}
+    draws: dict[str, list[float]] | None = None
     if kind is not None:
-        rand_b = _null_directions(dec_b, n_b, d, ctx.seed + 1, dev, kind)
-        rand_a = _null_directions(dec_a, n_a, d, ctx.seed + 2, dev, kind)
-    if kind == "anisotropic" and ctx.n_null_draws > 1:
-        draws = _mirror_draw_values(dec_a, dec_b, enc_a, enc_b, n_draws=ctx.n_null_draws - 1, seed=ctx.seed + 5,
-                                    block_size=block_size, dev=dev)
-
-    bm_ab, bm_ba = best_match_both(dec_a, dec_b, block_size=block_size)
-    mnn = mutual_nearest_neighbours(dec_a, dec_b, matches=(bm_ab, bm_ba))
-    if kind is not None:
-        null_both = best_match_both(dec_a, rand_b, block_size=block_size)  # also serves the MNN null
-        ns.best_match_ab = null_both[0].cosine
-        ns.best_match_ba = best_match(dec_b, rand_a, block_size=block_size).cosine
-        ns.mutual_nn = mutual_nearest_neighbours(dec_a, rand_b, matches=null_both).float()
-    ctx.step("decoder best match")
-    r_ab, r_ba = ref.get("best_match_ab"), ref.get("best_match_ba")
-    _add_mean_metric(
-        metrics, "decoder_cosine_best_match_ab", bm_ab.cosine, ns.best_match_ab, ctx, null_mean=r_ab,
-        null_draws=draws.get("decoder_cosine_best_match_ab"),
-    )
-    _add_mean_metric(
-        metrics, "decoder_cosine_best_match_ba", bm_ba.cosine, ns.best_match_ba, ctx, null_mean=r_ba,
-        null_draws=draws.get("decoder_cosine_best_match_ba"),
-    )
-    _add_mean_metric(
-        metrics, "decoder_mutual_nn_fraction", mnn.float(), ns.mutual_nn, ctx, null_mean=ref.get("mutual_nn"),
-        null_draws=draws.get("decoder_mutual_nn_fraction"),
-    )
-    distributions["decoder_cosine_best_match_ab"] = _quantiles_and_histogram(
-        bm_ab.cosine, ns.best_match_ab, r_ab
-    )
-    distributions["decoder_cosine_best_match_ba"] = _quantiles_and_histogram(
-        bm_ba.cosine, ns.best_match_ba, r_ba
-    )
-
-    if enc_a is not None and enc_b is not None:
-        enc_a, enc_b = enc_a.to(dev), enc_b.to(dev)
-        e_ab, e_ba = best_match_both(enc_a, enc_b, block_size=block_size)
-        if kind is not None:
-            rand_eb = _null_directions(enc_b, n_b, d, ctx.seed + 3, dev, kind) if kind == "anisotropic" else rand_b
-            rand_ea = _null_directions(enc_a, n_a, d, ctx.seed + 4, dev, kind) if kind == "anisotropic" else rand_a
-            ns.encoder_best_match_ab = best_match(enc_a, rand_eb, block_size=block_size).cosine
-            ns.encoder_best_match_ba = best_match(enc_b, rand_ea, block_size=block_size).cosine
-        _add_mean_metric(
-            metrics,
-            "encoder_cosine_best_match_ab",
-            e_ab.cosine,
-            ns.encoder_best_match_ab,
-            ctx,
-            null_mean=r_ab,
-            null_draws=draws.get("encoder_cosine_best_match_ab"),
-        )
-        _add_mean_metric(
-            metrics,
-            "encoder_cosine_best_match_ba",
-            e_ba.cosine,
-            ns.encoder_best_match_ba,
-            ctx,
-            null_mean=r_ba,
-            null_draws=draws.get("encoder_cosine_best_match_ba"),
-        )
-        distributions["encoder_cosine_best_match_ab"] = _quantiles_and_histogram(
-            e_ab.cosine, ns.encoder_best_match_ab, r_ab
-        )
-        distributions["encoder_cosine_best_match_ba"] = _quantiles_and_histogram(
-            e_ba.cosine, ns.encoder_best_match_ba, r_ba
-        )
-    ctx.step("encoder best match")
-
-    matching = one_to_one_matching(dec_a, dec_b, block_size=block_size)
-    if kind is not None:
-        ns.matched = one_to_one_matching(dec_a, rand_b, block_size=block_size).cosine
-    ctx.step("one-to-one matching")
-    r_m = ref.get("matched")
-    _add_mean_metric(metrics, "decoder_matched_cosine", matching.cosine, ns.matched, ctx, null_mean=r_m,
-                     null_draws=draws.get("decoder_matched_cosine"))
-    distributions["decoder_matched_cosine"] = _quantiles_and_histogram(matching.cosine, ns.matched, r_m)
-    observed_frac = fraction_above(matching.cosine, MATCH_THRESHOLDS)
-    null_frac = fraction_above(ns.matched, MATCH_THRESHOLDS) if ns.matched is not None else {}
-    for t in MATCH_THRESHOLDS:
-        above = (matching.cosine > t).float()
-        null_above = (ns.matched > t).float() if ns.matched is not None else None
-        name = f"decoder_matched_fraction_above_{t}"
-        _add_mean_metric(metrics, name, above, null_above, ctx, null_draws=draws.get(name))
-        # fraction_above is the definition; the bootstrap above is over the same indicator values
-        metrics[name] = metrics[name]._replace(
-            value=observed_frac[t], null=metrics[name].null if name in draws else null_frac.get(t, metrics[name].null)
-        )
-    ctx.step("fractions above thresholds")
+        n_draws = ctx.n_null_draws if kind == "anisotropic" else 1
+        first, all_draws = _null_draws(a, b, kind, n_draws=n_draws, seed=ctx.seed, block_size=block_size, dev=dev)
+        draws = all_draws if kind == "anisotropic" else None
+    ctx.step(f"null draws ({ctx.n_null_draws if kind == 'anisotropic' else int(kind is not None)})")
+    for name, values in observed.items():
+        r = ref.get(_REFERENCE_KEY.get(name, ""))
+        _add_mean_metric(metrics, name, values, first.get(name), ctx, null_mean=r,
+                         null_draws=None if draws is None else draws.get(name))  # fmt: skip
+        if name in _DISTRIBUTIONS:
+            distributions[name] = _quantiles_and_histogram(values, first.get(name), r)
+    ctx.step("p-values")
+    ctx.step("weight-metric distributions")
     return matching
 
 
@@ -731,10 +697,10 @@ def _add_mean_metric(
 ) -> None:
     """A mean over latents with its bootstrap CI, the null's mean and a one-sided p-value.
 
-    With ``null_draws`` (the SAE-level value against further null dictionaries, beside ``null_values``'
-    mean as one more draw): null = the mean over draws, p = (1 + #{draws >= value}) / (draws + 1), the
+    With ``null_draws`` (the SAE-level value against each null dictionary; ``null_values`` are the first
+    draw's per-latent values): null = the mean over draws, p = (1 + #{draws >= value}) / (draws + 1), the
     Monte-Carlo test whose unit is the null dictionary. Without: the paired permutation (sign-flip) test
-    of observed against null values, latent by latent."""
+    of observed against ``null_values``, latent by latent."""
     from qsae_lens.compare.stats import bootstrap_ci, paired_permutation_test
 
     v = _finite(values)
@@ -749,10 +715,10 @@ def _add_mean_metric(
         if null is None and nv.numel():
             null = float(nv.mean())
         m = min(v.numel(), nv.numel())
-        if null_draws is not None and nv.numel():
-            all_draws = [float(nv.mean()), *null_draws]
-            null = sum(all_draws) / len(all_draws) if null_mean is None else null
-            p = (1 + sum(x >= est.value for x in all_draws)) / (len(all_draws) + 1)
+        if null_draws:
+            if null_mean is None:
+                null = sum(null_draws) / len(null_draws)
+            p = (1 + sum(x >= est.value for x in null_draws)) / (len(null_draws) + 1)
         elif m >= 2:  # one-sided: the question is whether the SAEs share more than the null does
             p = paired_permutation_test(
                 v[:m], nv[:m], n_permutations=ctx.n_permutations, seed=ctx.seed, alternative="greater"

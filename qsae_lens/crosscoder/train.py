@@ -246,13 +246,16 @@ def train_crosscoder(sources: Sequence[Tensor], *, d_sae: int, k: int = 32, **kw
 
 def explained_variance(model: CrossCoder, sources: Sequence[Tensor], *, block: int = 4096) -> Tensor:
     """Tensor[S]: 1 − Σ||x_s − x̂_s||² / Σ||x_s − mean(x_s)||² per source (inference rule, raw units),
-    in blocks of ``block`` rows."""
+    in blocks of ``block`` rows; one :class:`qsae_lens.metrics.ExplainedVariance` per source."""
+    from qsae_lens.metrics import ExplainedVariance
+
     x_all = stack_sources(list(sources)).float()
-    err = torch.zeros(x_all.shape[1], dtype=torch.float64)
+    evs = [ExplainedVariance() for _ in range(x_all.shape[1])]
     with torch.no_grad():
         for i in range(0, x_all.shape[0], block):
             x = x_all[i:i + block]
-            err += (x - model(x)).double().pow(2).sum(dim=(0, 2))
-    var = (x_all.double() - x_all.double().mean(0)).pow(2).sum(dim=(0, 2))
-    return (1 - err / var).float()
+            x_hat = model(x)
+            for s, ev in enumerate(evs):
+                ev.update(x[:, s], x_hat[:, s])
+    return torch.tensor([ev.compute() for ev in evs], dtype=torch.float32)
 
