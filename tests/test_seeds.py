@@ -189,3 +189,23 @@ def test_sharing_bar_monte_carlo_over_null_draws():
     # 99 draws cannot clear alpha 0.01: p's floor is 1/100, not below it
     floor = sharing_bar(far, {(0, 1): draws}, alpha=0.01)
     assert floor.p_values[0] == pytest.approx(1 / (m + 1)) and not floor.cleared
+
+
+def test_sharing_bar_needs_mnn_too_when_given():
+    """One shared latent clears the matched-fraction test against a null that never matches above 0.5;
+    with MNN required as well, dictionaries whose MNN sits at its null do not clear the bar."""
+    from qsae_lens.compare.seeds import sharing_bar
+
+    n, m = 256, 199
+    observed = {(0, 1): torch.cat([torch.tensor([0.8]), torch.full((n - 1,), 0.3)])}  # 1 of 256 above 0.5
+    null = {(0, 1): torch.full((m, n), 0.3)}
+    assert sharing_bar(observed, null).cleared  # the fraction alone: 1/256 > 0 in every draw
+    g = torch.Generator().manual_seed(0)
+    mnn_null = {(0, 1): (torch.rand(m, n, generator=g) < 0.5).double()}  # MNN about 0.5 in each draw
+    at_null = {(0, 1): (torch.arange(n) % 2 == 0).double()}  # exactly 0.5
+    bar = sharing_bar(observed, null, mnn_observed=at_null, mnn_null=mnn_null)
+    n_ge = int((mnn_null[(0, 1)].mean(dim=1) >= 0.5).sum())
+    assert bar.mnn_p_values[0] == pytest.approx((1 + n_ge) / (m + 1)) and bar.mnn_p_values[0] > 0.2
+    assert not bar.cleared and "too undertrained" in bar.message
+    above = {(0, 1): (torch.arange(n) % 4 != 0).double()}  # 0.75, far above every draw
+    assert sharing_bar(observed, null, mnn_observed=above, mnn_null=mnn_null).cleared

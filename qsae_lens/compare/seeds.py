@@ -100,6 +100,12 @@ class SharingBar(NamedTuple):
     alpha: float
     message: str
     """One line for the report: what was found."""
+    mnn_observed: tuple[float, ...] = ()
+    """Per baseline seed pair: mutual-nearest-neighbour fraction (empty when not tested)."""
+    mnn_null: tuple[float, ...] = ()
+    """Per baseline seed pair: the MNN fraction's null (mean over draws)."""
+    mnn_p_values: tuple[float, ...] = ()
+    """Per baseline seed pair: one-sided Monte-Carlo p of MNN observed > null."""
 
 
 def format_p_value(p: float, n_resamples: int, *, exact_count: int | None = None) -> str:
@@ -315,6 +321,8 @@ def sharing_bar(
     alpha: float = 0.01,
     n_permutations: int = 10_000,
     seed: int = 0,
+    mnn_observed: Pairs | None = None,
+    mnn_null: Pairs | None = None,
 ) -> SharingBar:
     """Do the baseline seed pairs share features clearly above the anisotropic null?
 
@@ -326,6 +334,12 @@ def sharing_bar(
     is 1/(M + 1), so M >= 1/alpha is needed to clear the bar); with one draw, a paired sign-flip test over
     latents (overconfident near the null: docs/compare.md). The bar is cleared when every pair has
     p < ``alpha`` and a higher fraction than its null's mean.
+
+    ``mnn_observed[(s, s')]`` (Tensor[n] 0/1: latent is a mutual nearest neighbour) and ``mnn_null[(s, s')]``
+    (Tensor[M, n], the same against each null draw), when given, add a second requirement: the MNN
+    fraction must beat its null the same way. The matched fraction alone is a significance floor, not a
+    size: a mirror image almost never has a latent matched above 0.5, so one shared latent would clear it;
+    MNN asks that the dictionaries correspond as wholes (docs/sweep.md, the 256-latent row).
     """
     from qsae_lens.compare.stats import paired_permutation_test
 
@@ -352,17 +366,37 @@ def sharing_bar(
                 )
             )
         )
-    cleared = all(p < alpha and a > b for p, a, b in zip(ps, fr_o, fr_n))
-    stat = f"fraction of latents matched above {threshold}"
+    mnn_o, mnn_n, mnn_p = [], [], []
+    if mnn_observed is not None:
+        if mnn_null is None or set(obs) - set(mnn_null) or set(obs) - set(mnn_observed):
+            raise ValueError("mnn_observed and mnn_null must both be given, for every seed pair of observed")
+        for key in sorted(obs):
+            o = float(torch.as_tensor(mnn_observed[key]).double().mean())
+            draws = torch.as_tensor(mnn_null[key]).double().reshape(-1, torch.as_tensor(mnn_observed[key]).numel())
+            draw_fr = draws.mean(dim=1)
+            mnn_o.append(o)
+            mnn_n.append(float(draw_fr.mean()))
+            mnn_p.append((1 + int((draw_fr >= o).sum())) / (draw_fr.numel() + 1))
+    cleared = all(p < alpha and a > b for p, a, b in zip(ps, fr_o, fr_n)) and all(
+        p < alpha and a > b for p, a, b in zip(mnn_p, mnn_o, mnn_n)
+    )
+    stat = f"fraction of latents matched above {threshold}" + (" and mutual-nearest-neighbour fraction" if mnn_o else "")
+    mnn_text = (
+        f"; MNN {min(mnn_o):.3f}-{max(mnn_o):.3f} vs null {max(mnn_n):.3f} or less (p {', '.join(f'{x:.2g}' for x in mnn_p)})"
+        if mnn_o else ""
+    )  # fmt: skip
     if cleared:
         msg = (
-            f"Baseline seed pairs share features above the anisotropic null: {stat} "
-            f"{min(fr_o):.3f}-{max(fr_o):.3f} vs null {max(fr_n):.3f} or less, p < {alpha} for every pair."
+            f"Baseline seed pairs share features above the anisotropic null: fraction of latents matched above "
+            f"{threshold} {min(fr_o):.3f}-{max(fr_o):.3f} vs null {max(fr_n):.3f} or less{mnn_text}; p < {alpha} "
+            f"for every pair."
         )
     else:
         msg = (
             f"The SAEs are too undertrained for any conclusion: baseline seed pairs do not share features "
-            f"clearly above the anisotropic null ({stat} {', '.join(f'{x:.3f}' for x in fr_o)} vs null "
-            f"{', '.join(f'{x:.3f}' for x in fr_n)}; p {', '.join(f'{x:.2g}' for x in ps)}, need < {alpha})."
+            f"clearly above the anisotropic null (fraction of latents matched above {threshold} "
+            f"{', '.join(f'{x:.3f}' for x in fr_o)} vs null {', '.join(f'{x:.3f}' for x in fr_n)}; p "
+            f"{', '.join(f'{x:.2g}' for x in ps)}{mnn_text}; need p < {alpha} for every pair)."
         )
-    return SharingBar(cleared, stat, tuple(fr_o), tuple(fr_n), tuple(ps), alpha, msg)
+    return SharingBar(cleared, stat, tuple(fr_o), tuple(fr_n), tuple(ps), alpha, msg,
+                      tuple(mnn_o), tuple(mnn_n), tuple(mnn_p))  # fmt: skip
