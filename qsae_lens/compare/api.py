@@ -254,20 +254,7 @@ def compare_saes(
         null = "anisotropic"
     kind = null_kind(null)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    la = load_sae_for_comparison(a, label="a")
-    lb = load_sae_for_comparison(b, label="b")
-    meta_a, meta_b = sae_metadata(la), sae_metadata(lb)
-    if meta_a["d_in"] != meta_b["d_in"]:
-        raise ValueError(
-            f"SAEs have different d_in: a ({la.source}) reads d_in={meta_a['d_in']}, "
-            f"b ({lb.source}) reads d_in={meta_b['d_in']}; only SAEs of the same activation space can be compared"
-        )
-    dec_a, enc_a = latent_directions(la, "a")
-    dec_b, enc_b = latent_directions(lb, "b")
-    if dec_a.shape[1] != dec_b.shape[1]:
-        raise ValueError(
-            f"SAEs write to different widths: W_dec of a is {tuple(dec_a.shape)}, W_dec of b is {tuple(dec_b.shape)}"
-        )
+    la, lb, meta_a, meta_b, (dec_a, enc_a), (dec_b, enc_b) = _load_pair(a, b)
     report_warnings = _compatibility_warnings(meta_a, meta_b)
     xs = _load_activation_pair(activations, la, lb, hook, meta_a["d_in"])
 
@@ -332,6 +319,26 @@ def compare_saes(
         warnings=report_warnings,
         settings=settings,
     )
+
+
+def _load_pair(a: SAESpec, b: SAESpec) -> tuple[Any, Any, dict[str, Any], dict[str, Any], tuple, tuple]:
+    """Both SAEs loaded and checked for one activation space: (loaded a, loaded b, metadata a, metadata b,
+    (W_dec rows, encoder rows or None) of a, the same of b). ValueError names the mismatch."""
+    la = load_sae_for_comparison(a, label="a")
+    lb = load_sae_for_comparison(b, label="b")
+    meta_a, meta_b = sae_metadata(la), sae_metadata(lb)
+    if meta_a["d_in"] != meta_b["d_in"]:
+        raise ValueError(
+            f"SAEs have different d_in: a ({la.source}) reads d_in={meta_a['d_in']}, "
+            f"b ({lb.source}) reads d_in={meta_b['d_in']}; only SAEs of the same activation space can be compared"
+        )
+    dirs_a, dirs_b = latent_directions(la, "a"), latent_directions(lb, "b")
+    if dirs_a[0].shape[1] != dirs_b[0].shape[1]:
+        raise ValueError(
+            f"SAEs write to different widths: W_dec of a is {tuple(dirs_a[0].shape)}, "
+            f"W_dec of b is {tuple(dirs_b[0].shape)}"
+        )
+    return la, lb, meta_a, meta_b, dirs_a, dirs_b
 
 
 @dataclass
