@@ -34,7 +34,9 @@ def dense_weight(module: torch.nn.Module) -> torch.Tensor | None:
     w = dequantize_linear_weight(module) if "bitsandbytes" in type(module).__module__ else None
     if w is not None:
         return w
-    weight = getattr(module, "qweight", None) or getattr(module, "weight", None)
+    weight = getattr(module, "qweight", None)  # quanto; not `or`: a tensor has no truth value
+    if weight is None:
+        weight = getattr(module, "weight", None)
     if weight is None:
         return None
     if hasattr(weight, "dequantize") and type(weight).__name__ not in ("Parameter", "Tensor"):
