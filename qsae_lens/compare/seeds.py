@@ -313,6 +313,22 @@ def seed_effect(
     )
 
 
+def _fraction_test(observed: Tensor, null: Tensor, *, n_permutations: int, seed: int) -> tuple[float, float, float]:
+    """(observed fraction, null fraction, one-sided p of observed > null) for 0/1 indicators Tensor[n].
+
+    ``null``: Tensor[M, n] for M null draws (p = Monte-Carlo rank (1 + #{draws >= observed}) / (M + 1),
+    null = mean over draws) or Tensor[n] for one (paired sign-flip test over latents)."""
+    from qsae_lens.compare.stats import paired_permutation_test
+
+    fraction = float(observed.mean())
+    if null.ndim == 2:
+        draws = null.mean(dim=1)
+        return fraction, float(draws.mean()), (1 + int((draws >= fraction).sum())) / (draws.numel() + 1)
+    m = min(observed.numel(), null.numel())
+    p = paired_permutation_test(observed[:m], null[:m], n_permutations=n_permutations, seed=seed, alternative="greater")
+    return fraction, float(null.mean()), float(p)
+
+
 def sharing_bar(
     observed: Pairs,
     null: Pairs,
@@ -341,42 +357,20 @@ def sharing_bar(
     size: a mirror image almost never has a latent matched above 0.5, so one shared latent would clear it;
     MNN asks that the dictionaries correspond as wholes (docs/sweep.md, the 256-latent row).
     """
-    from qsae_lens.compare.stats import paired_permutation_test
-
     obs = _check_pairs(observed, "observed")
     missing = set(obs) - set(null)
     if missing:
         raise ValueError(f"null: no null values for seed pairs {sorted(missing)}")
-    fr_o, fr_n, ps = [], [], []
-    for key in sorted(obs):
-        o = (obs[key] > threshold).double()
-        n = (torch.as_tensor(null[key]) > threshold).double()
-        fr_o.append(float(o.mean()))
-        if n.ndim == 2:  # M draws: Monte-Carlo rank of the observed fraction among the draws' fractions
-            draws = n.mean(dim=1)
-            fr_n.append(float(draws.mean()))
-            ps.append((1 + int((draws >= fr_o[-1]).sum())) / (draws.numel() + 1))
-            continue
-        m = min(o.numel(), n.numel())
-        fr_n.append(float(n.mean()))
-        ps.append(
-            float(
-                paired_permutation_test(
-                    o[:m], n[:m], n_permutations=n_permutations, seed=seed, alternative="greater"
-                )
-            )
-        )
+    tests = [_fraction_test((obs[k] > threshold).double(), (torch.as_tensor(null[k]) > threshold).double(),
+                            n_permutations=n_permutations, seed=seed) for k in sorted(obs)]  # fmt: skip
+    fr_o, fr_n, ps = (list(x) for x in zip(*tests))
     mnn_o, mnn_n, mnn_p = [], [], []
     if mnn_observed is not None:
         if mnn_null is None or set(obs) - set(mnn_null) or set(obs) - set(mnn_observed):
             raise ValueError("mnn_observed and mnn_null must both be given, for every seed pair of observed")
-        for key in sorted(obs):
-            o = float(torch.as_tensor(mnn_observed[key]).double().mean())
-            draws = torch.as_tensor(mnn_null[key]).double().reshape(-1, torch.as_tensor(mnn_observed[key]).numel())
-            draw_fr = draws.mean(dim=1)
-            mnn_o.append(o)
-            mnn_n.append(float(draw_fr.mean()))
-            mnn_p.append((1 + int((draw_fr >= o).sum())) / (draw_fr.numel() + 1))
+        mnn_tests = [_fraction_test(torch.as_tensor(mnn_observed[k]).double(), torch.as_tensor(mnn_null[k]).double(),
+                                    n_permutations=n_permutations, seed=seed) for k in sorted(obs)]  # fmt: skip
+        mnn_o, mnn_n, mnn_p = (list(x) for x in zip(*mnn_tests))
     cleared = all(p < alpha and a > b for p, a, b in zip(ps, fr_o, fr_n)) and all(
         p < alpha and a > b for p, a, b in zip(mnn_p, mnn_o, mnn_n)
     )
