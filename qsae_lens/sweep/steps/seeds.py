@@ -62,7 +62,7 @@ def _per_latent(dec_a: torch.Tensor, dec_b: torch.Tensor) -> dict[str, torch.Ten
 
 def _layer_effects(plan: Any, saes: dict[Any, Any], layer: int, n_boot: int, n_perm: int, seed: int
                    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, float]]:
-    from qsae_lens.compare.nulls import anisotropic_directions, reflect, reflection_basis
+    from qsae_lens.compare.nulls import reflect, reflection_basis
     from qsae_lens.compare.seeds import seed_effect, sharing_bar
 
     dec = {(k.precision, k.seed): saes[k].W_dec.detach().float().cpu() for k in saes if k.layer == layer}
@@ -71,21 +71,21 @@ def _layer_effects(plan: Any, saes: dict[Any, Any], layer: int, n_boot: int, n_p
     if len(b_seeds) < 2:
         raise ValueError(f"seeds step: layer {layer} has {len(b_seeds)} baseline seed(s); the ceiling needs >= 2")
     ceiling = {(s, t): _per_latent(dec[(base, s)], dec[(base, t)]) for s, t in combinations(b_seeds, 2)}
-    null_pairs = {(s, t): _per_latent(dec[(base, s)], anisotropic_directions(dec[(base, t)], dec[(base, t)].shape[0],
-                                                                           seed=seed + 97 * s + t))
-                  for s, t in combinations(b_seeds, 2)}
-    # the bar's null: BAR_NULL_DRAWS mirror images of s' per pair, so that its p can reach below alpha = 0.01
-    bar_null, mnn_null = {}, {}
+    # the null: BAR_NULL_DRAWS mirror images of s' per pair (so that the bar's p can reach below alpha = 0.01);
+    # the floor is each metric's mean over pairs and draws
+    null_draws = {}
     for s, t in combinations(b_seeds, 2):
         basis = reflection_basis(dec[(base, t)], seed=seed)
-        draws = [_per_latent(dec[(base, s)], reflect(dec[(base, t)], basis, seed=seed + 97 * s + t + 7_919 * (i + 1)))
-                 for i in range(BAR_NULL_DRAWS)]  # fmt: skip
-        bar_null[(s, t)] = torch.stack([v["decoder_matched_cosine"] for v in draws])
-        mnn_null[(s, t)] = torch.stack([v["decoder_mutual_nn_fraction"] for v in draws])
-    bar = sharing_bar({k: v["decoder_matched_cosine"] for k, v in ceiling.items()}, bar_null,
+        null_draws[(s, t)] = [
+            _per_latent(dec[(base, s)], reflect(dec[(base, t)], basis, seed=seed + 97 * s + t + 7_919 * (i + 1)))
+            for i in range(BAR_NULL_DRAWS)
+        ]
+    stacked = {m: {k: torch.stack([v[m] for v in draws]) for k, draws in null_draws.items()} for m in METRICS}
+    bar = sharing_bar({k: v["decoder_matched_cosine"] for k, v in ceiling.items()}, stacked["decoder_matched_cosine"],
                       n_permutations=n_perm, seed=seed,
-                      mnn_observed={k: v["decoder_mutual_nn_fraction"] for k, v in ceiling.items()}, mnn_null=mnn_null)
-    floor = {m: float(torch.stack([v[m].mean() for v in null_pairs.values()]).mean()) for m in METRICS}
+                      mnn_observed={k: v["decoder_mutual_nn_fraction"] for k, v in ceiling.items()},
+                      mnn_null=stacked["decoder_mutual_nn_fraction"])  # fmt: skip
+    floor = {m: float(torch.stack([x.mean() for x in stacked[m].values()]).mean()) for m in METRICS}
     effects: dict[str, dict[str, Any]] = {}
     for p in plan.precision_names:
         if p == base:
@@ -121,7 +121,7 @@ def run_step(plan: Any, core: Any) -> SeedsStepResult:
         keys = sorted((k for k in core.saes if k.layer == layer), key=lambda k: (k.precision, k.seed))
         folder = plan.step_dir(NAME) / f"layer{layer}"
         inputs = {"saes": {k.label: sae_identity(k.dir(plan.out_dir)) for k in keys},
-                  "n_bootstrap": n_boot, "n_permutations": n_perm, "seed": seed, "version": 3,
+                  "n_bootstrap": n_boot, "n_permutations": n_perm, "seed": seed, "version": 4,
                   "null": f"anisotropic-v{ANISOTROPIC_NULL_VERSION}"}
 
         def compute(tmp: Path, layer: int = layer) -> None:
