@@ -11,7 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
@@ -350,6 +350,8 @@ class _Context:
     cache_nulls: bool = False
     null_kind: str | None = None
     n_null_draws: int = 39
+    bases: dict[str, Tensor] = field(default_factory=dict)
+    """Mirror-null bases (``nulls.reflection_basis``) already fitted: "a.dec", "a.enc", "b.dec", "b.enc"."""
 
     def step(self, what: str) -> None:
         self.bar.set_postfix_str(what)
@@ -558,12 +560,14 @@ def _random_like(n: int, d: int, seed: int, device: torch.device) -> Tensor:
     return torch.randn(n, d, generator=gen).to(device)
 
 
-def _null_directions(ref: Tensor, n: int, d: int, seed: int, device: torch.device, kind: str) -> Tensor:
-    """Random directions Tensor[n, d] of the given null kind; anisotropic ones are a mirror image of ``ref``."""
+def _null_directions(ref: Tensor, n: int, d: int, seed: int, device: torch.device, kind: str,
+                     basis: Tensor | None = None) -> Tensor:
+    """Random directions Tensor[n, d] of the given null kind; anisotropic ones are a mirror image of ``ref``
+    (across ``basis`` when given, else its own ``nulls.reflection_basis``)."""
     if kind == "anisotropic":
         from qsae_lens.compare.nulls import anisotropic_directions
 
-        return anisotropic_directions(ref.detach().float().cpu(), n, seed=seed, device=device)
+        return anisotropic_directions(ref.detach().float().cpu(), n, seed=seed, device=device, basis=basis)
     return _random_like(n, d, seed, device)
 
 
@@ -605,18 +609,23 @@ def _weight_values(
 
 
 def _null_draws(
-    a: _Dictionary, b: _Dictionary, kind: str, *, n_draws: int, seed: int, block_size: int, dev: torch.device
+    a: _Dictionary, b: _Dictionary, kind: str, *, n_draws: int, seed: int, block_size: int, dev: torch.device,
+    bases: dict[str, Tensor],
 ) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
     """Every weight metric against ``n_draws`` null dictionaries (each SAE's target replaced by a random
     dictionary of the null ``kind``): the first draw's per-latent values, and each draw's SAE-level value
     ({metric: [n_draws floats]}). Anisotropic draws are mirror images (``nulls.reflect``), the bases
-    computed once per dictionary; isotropic ones are Gaussian directions, the same for decoder and encoder.
+    computed once per dictionary and kept in ``bases`` (for the Procrustes null); isotropic ones are Gaussian
+    directions, the same for decoder and encoder.
     """
     from qsae_lens.compare.nulls import reflect, reflection_basis
 
     n_a, n_b, d = a.dec.shape[0], b.dec.shape[0], a.dec.shape[1]
     tensors = {"a.dec": a.dec, "a.enc": a.enc, "b.dec": b.dec, "b.enc": b.enc}
-    bases = {k: reflection_basis(t, seed=seed) for k, t in tensors.items() if t is not None and kind == "anisotropic"}
+    if kind == "anisotropic":
+        for k, t in tensors.items():
+            if t is not None and k not in bases:
+                bases[k] = reflection_basis(t, seed=seed)
 
     def null_of(key: str, n: int, draw_seed: int) -> Tensor | None:
         if tensors[key] is None:
@@ -677,7 +686,8 @@ def _weight_metrics(
     draws: dict[str, list[float]] | None = None
     if kind is not None:
         n_draws = ctx.n_null_draws if kind == "anisotropic" else 1
-        first, all_draws = _null_draws(a, b, kind, n_draws=n_draws, seed=ctx.seed, block_size=block_size, dev=dev)
+        first, all_draws = _null_draws(a, b, kind, n_draws=n_draws, seed=ctx.seed, block_size=block_size, dev=dev,
+                                       bases=ctx.bases)  # fmt: skip
         draws = all_draws if kind == "anisotropic" else None
     ctx.step(f"null draws ({ctx.n_null_draws if kind == 'anisotropic' else int(kind is not None)})")
     for name, values in observed.items():
@@ -774,7 +784,8 @@ def _procrustes_metric(
             [
                 one_to_one_matching(
                     dec_a[torch.randperm(dec_a.shape[0], generator=gen)[:n_t].to(dec_a.device)],
-                    _null_directions(dec_b, m_t, d, ctx.seed + 11 + 2 * f, dec_a.device, ctx.null_kind),
+                    _null_directions(dec_b, m_t, d, ctx.seed + 11 + 2 * f, dec_a.device, ctx.null_kind,
+                                     basis=ctx.bases.get("b.dec")),
                     block_size=block_size,
                 ).cosine
                 for f in range(len(res.fold_cosines))

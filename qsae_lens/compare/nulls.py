@@ -387,7 +387,12 @@ def reflect(
 
 
 def anisotropic_directions(
-    reference: Tensor, n: int | None = None, *, seed: int = 0, device: str | torch.device = "cpu"
+    reference: Tensor,
+    n: int | None = None,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    basis: Tensor | None = None,
 ) -> Tensor:
     """A random dictionary Tensor[n, d] (float32) with ``reference``'s spectrum and subspace and none of its features.
 
@@ -400,12 +405,13 @@ def anisotropic_directions(
     exactly the original's law, and so has one of unit rows spread evenly over a subspace: the comparison
     against it is then an exact randomisation test (measured false-positive rates in docs/compare.md).
     ``n`` (default m): with n != m, rows of independent mirror images, a seeded random subset.
+    ``basis``: ``reflection_basis(reference)`` when the caller already has it (the fit is the costly part).
     """
     m = reference.shape[0]
     n = m if n is None else n
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    basis = reflection_basis(reference, seed=seed)
+    basis = reflection_basis(reference, seed=seed) if basis is None else basis
     if n == m:
         return reflect(reference, basis, seed=seed, device=device)
     copies = torch.cat([reflect(reference, basis, seed=seed + 7919 * i) for i in range(-(-n // m))])
