@@ -429,14 +429,7 @@ class HookedQuantizedLM(HookedRootModule):
         if return_type not in ("input", "str", "tokens"):
             raise ValueError(f"return_type must be 'input', 'str' or 'tokens'; got {return_type!r}.")
         device = self.W_E.device
-        if isinstance(input, Tensor):
-            tokens = input.to(device)
-            tokens = tokens[None] if tokens.ndim == 1 else tokens
-            mask = torch.ones_like(tokens)
-        else:
-            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side="left")
-            pb = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-            mask = get_attention_mask(self.tokenizer, tokens, pb, padding_side="left").to(device)  # TL's rule
+        tokens, mask = self._prompt_tokens(input, prepend_bos)
         eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         greedy = not do_sample or temperature == 0.0
         gen = torch.Generator(device=device)
@@ -483,6 +476,18 @@ class HookedQuantizedLM(HookedRootModule):
         texts = [self.tokenizer.decode(row[m.bool()].tolist(), clean_up_tokenization_spaces=False)
                  for row, m in zip(tokens, mask)]
         return texts[0] if isinstance(input, str) else texts
+
+    def _prompt_tokens(self, input: str | list[str] | Tensor, prepend_bos: bool | None) -> tuple[Tensor, Tensor]:
+        """``generate``'s prompt as (tokens, attention mask), both Tensor[batch, pos] on the model's device:
+        token input taken as is (mask all ones), text tokenized and left-padded with TransformerLens's mask rule."""
+        device = self.W_E.device
+        if isinstance(input, Tensor):
+            tokens = input.to(device)
+            tokens = tokens[None] if tokens.ndim == 1 else tokens
+            return tokens, torch.ones_like(tokens)
+        tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side="left")
+        pb = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        return tokens, get_attention_mask(self.tokenizer, tokens, pb, padding_side="left").to(device)
 
     def __repr__(self) -> str:
         return (
