@@ -145,18 +145,8 @@ def train_sae_on_activations(
     if not torch.isfinite(activations).all():
         raise ValueError("activations contain NaN or Inf values; refusing to train on them.")
 
-    sae = TrainingSAE.from_dict(sae_cfg.to_dict())
-    sae.to(device)
-    if hasattr(sae, "initialize_b_dec"):
-        gen = torch.Generator().manual_seed(data_seed)
-        idx = torch.randperm(activations.shape[0], generator=gen)[:b_dec_sample]
-        sae.initialize_b_dec(activations[idx].to(device))
-    if metadata:
-        attach_precision_metadata(sae, metadata)  # the precision keys, checked to be plain JSON
-        for key, value in metadata.items():  # the rest (hook, model, dataset...) as SAELens's runner sets them
-            if key not in SAE_PROVENANCE_KEYS:
-                sae.cfg.metadata[key] = value
-
+    sae = _initialized_sae(sae_cfg, activations, device=device, data_seed=data_seed, b_dec_sample=b_dec_sample,
+                           metadata=metadata)  # fmt: skip
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total_tokens,
         train_batch_size_samples=batch_size,
@@ -188,6 +178,24 @@ def train_sae_on_activations(
             save_file({"sparsity": trainer.log_feature_sparsity.contiguous()}, tmp / SPARSITY_FILENAME)
             atomic_write_json(tmp / LOSS_HISTORY_FILENAME, trainer.loss_history, indent=None)
     return FitResult(sae=trained, path=path, loss_history=trainer.loss_history, dead_fraction=dead_fraction)
+
+
+def _initialized_sae(sae_cfg: TrainingSAEConfig, activations: torch.Tensor, *, device: str, data_seed: int,
+                     b_dec_sample: int, metadata: dict[str, Any] | None) -> TrainingSAE:
+    """The training SAE of ``sae_cfg`` on ``device``: ``b_dec`` from a seeded sample of ``b_dec_sample``
+    activations when the class has ``initialize_b_dec``, and ``metadata`` in ``cfg.metadata``."""
+    sae = TrainingSAE.from_dict(sae_cfg.to_dict())
+    sae.to(device)
+    if hasattr(sae, "initialize_b_dec"):
+        gen = torch.Generator().manual_seed(data_seed)
+        idx = torch.randperm(activations.shape[0], generator=gen)[:b_dec_sample]
+        sae.initialize_b_dec(activations[idx].to(device))
+    if metadata:
+        attach_precision_metadata(sae, metadata)  # the precision keys, checked to be plain JSON
+        for key, value in metadata.items():  # the rest (hook, model, dataset...) as SAELens's runner sets them
+            if key not in SAE_PROVENANCE_KEYS:
+                sae.cfg.metadata[key] = value
+    return sae
 
 
 def _logging_config(wandb: WandbSettings | None) -> Any:
